@@ -1,0 +1,305 @@
+"""Typed, validated configuration built from the sections of ``params.yaml``.
+
+Each params section has one frozen dataclass. ``from_params`` rejects unknown keys (with the
+allowed list and a did-you-mean), wrong types and out-of-range values, naming the key, so a typo
+in ``params.yaml`` fails before any work starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+def _opt(default: Any = None, *, choices: tuple | None = None, lo: float | None = None,
+         hi: float | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+
+
+def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` coerced to ``annotation`` (int -> float only) or raise ConfigError."""
+    where = f"params.yaml {section}.{key}"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(section, key, value, inner[0])
+    if origin is list or origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1]
+        return tuple(_check_type(section, key, v, item) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {annotation} for {where}")
+
+
+class Section:
+    """Mixin: build a frozen dataclass from one params.yaml section with validation."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def from_params(cls, values: dict[str, Any] | None) -> Self:
+        values = dict(values or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"params.yaml {cls.SECTION}.{key}: unknown key.{hint} "
+                f"Allowed keys in '{cls.SECTION}': {', '.join(sorted(fields))}."
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in values.items():
+            value = _check_type(cls.SECTION, name, value, hints[name])
+            meta = fields[name].metadata
+            _check_range(cls.SECTION, name, value, meta)
+            kwargs[name] = value
+        obj = cls(**kwargs)
+        obj.validate()
+        return obj
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses extend."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+
+def _check_range(section: str, key: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    where = f"params.yaml {section}.{key}"
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}.{hint}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            if lo is not None and item < lo:
+                raise ConfigError(f"{where}: {item!r} is below the minimum {lo}.")
+            if hi is not None and item > hi:
+                raise ConfigError(f"{where}: {item!r} is above the maximum {hi}.")
+
+
+DATA_SOURCES = ("digits", "cifar10", "cifar100", "folder", "imagenet")
+RECIPES = ("digits", "cifar", "imagenet")
+CODECS = ("fp16", "int8", "topk")
+LOSS_NAMES = ("ce", "kd", "dkd", "nkd", "dist", "aekt")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    SECTION: ClassVar[str] = "data"
+    # digits is bundled with scikit-learn, so the default pipeline runs offline anywhere.
+    source: str = _opt("digits", choices=DATA_SOURCES)
+    # Dataset name: names the manifest (manifests/<name>.json) and the cache store in dvc.yaml.
+    name: str = "digits"
+    # Directory (cifar pickles, ImageFolder tree) or .tar of an ImageFolder tree; unused for digits.
+    root: str | None = None
+    download: bool = False  # cifar10/cifar100 only: let torchvision fetch the official release.
+    # Samples per shard; one shard is one Zarr chunk row of the cache, so it sets I/O granularity.
+    shard_size: int = _opt(128, lo=1)
+    test_fraction: float = _opt(0.25, lo=0.01, hi=0.9)  # digits: stratified held-out share
+    split_seed: int = 0
+    max_per_class: int | None = _opt(None, lo=1)  # keep the first N samples of each class per split
+    on_corrupt: str = _opt("fail", choices=("fail", "skip"))
+    workers: int = _opt(0, lo=0)  # processes encoding shards in parallel (0 = in-process)
+
+    def validate(self) -> None:
+        if self.source in ("folder", "imagenet") and not self.root:
+            raise ConfigError(f"params.yaml data.root: required for data.source={self.source!r} "
+                              "(an ImageFolder directory or a .tar of one).")
+        if self.source in ("cifar10", "cifar100") and not self.root and not self.download:
+            raise ConfigError(f"params.yaml data.root: required for data.source={self.source!r} "
+                              "unless data.download is true.")
+
+
+@dataclass(frozen=True)
+class AugmentConfig(Section):
+    SECTION: ClassVar[str] = "augment"
+    recipe: str = _opt("digits", choices=RECIPES)
+    seed: int = 0
+    # Views cached per sample; stage 2 epoch e uses view e mod V by default.
+    views: int = _opt(8, lo=1, hi=1000)
+    # Output side for the imagenet recipe (RandomResizedCrop size); ignored by fixed-size recipes.
+    size: int = _opt(224, lo=8)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig(Section):
+    """Optimiser and schedule fields shared by the teacher and student trainers."""
+
+    epochs: int = _opt(30, lo=1)
+    batch_size: int = _opt(64, lo=1)
+    lr: float = _opt(0.05, lo=0.0)
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _opt(5e-4, lo=0.0)
+    lr_schedule: str = _opt("multistep", choices=("multistep", "cosine", "constant"))
+    # Fractions of the run (0..1) at which multistep multiplies the lr by lr_gamma; fractions scale
+    # with `epochs`, so a short run keeps the recipe's shape (240ep: 150/180/210 = .625/.75/.875).
+    milestones: tuple[float, ...] = _opt((0.625, 0.75, 0.875), lo=0.0, hi=1.0)
+    lr_gamma: float = _opt(0.1, lo=0.0, hi=1.0)
+    no_decay_norm_bias: bool = False  # exclude norm weights and biases from weight decay
+    seed: int = 0
+    workers: int = _opt(0, lo=0)  # DataLoader workers per process
+    mixed_precision: str = _opt("no", choices=("no", "bf16", "fp16"))
+    grad_accum: int = _opt(1, lo=1)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ScheduleConfig):
+    SECTION: ClassVar[str] = "teacher"
+    arch: str = "digits_cnn"
+    # Import this checkpoint instead of training (a path, or a torchvision weights enum name).
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class StudentConfig(Section):
+    SECTION: ClassVar[str] = "student"
+    arch: str = "digits_mlp"
+
+
+@dataclass(frozen=True)
+class CacheConfig(Section):
+    SECTION: ClassVar[str] = "cache"
+    codec: str = _opt("fp16", choices=CODECS)
+    topk: int = _opt(20, lo=1)  # k for the topk codec
+    compressor: str = _opt("zstd", choices=("zstd", "lz4", "none"))
+    clevel: int = _opt(3, lo=0, hi=9)
+    batch_size: int = _opt(256, lo=1)  # teacher inference batch (within one shard)
+    mixed_precision: str = _opt("no", choices=("no", "bf16", "fp16"))
+    workers: int = _opt(0, lo=0)  # DataLoader workers decoding + augmenting shards
+
+
+@dataclass(frozen=True)
+class LossConfig(Section):
+    SECTION: ClassVar[str] = "loss"
+    name: str = _opt("aekt", choices=LOSS_NAMES)
+    tau: float = _opt(4.0, lo=0.05, hi=100.0)
+    ce_weight: float = _opt(1.0, lo=0.0)  # weight of CE on z_cls
+    kd_weight: float = _opt(1.0, lo=0.0)  # KD only: weight of the KD term (recipe: CE .1, KD .9)
+    alpha: float = _opt(1.0, lo=0.0)  # DKD/AEKT: explicit (target-class) term weight
+    beta: float = _opt(8.0, lo=0.0)  # DKD/AEKT: NCKD weight; DIST: inter-class weight
+    gamma: float = _opt(1.0, lo=0.0)  # NKD: non-target weight; DIST: intra-class weight
+    adaptive: str = _opt("ratio", choices=("ratio", "none"))
+    explicit: str = _opt("binary_kl", choices=("binary_kl", "nkd"))
+    head: str = _opt("serial", choices=("serial", "parallel", "none"))
+    w_min: float = _opt(0.0, lo=0.0)
+    w_max: float = _opt(10.0, lo=0.0)
+    # Linear warm-up of the distillation weight, lambda(e) = min(1, e / warmup_epochs); 0 = off.
+    warmup_epochs: float = _opt(20.0, lo=0.0)
+    # The serial head acts on logits (|z| ~ 10): at the body's lr it diverges, so it gets its own.
+    head_lr_scale: float = _opt(0.01, lo=0.0)
+
+    def validate(self) -> None:
+        if self.w_min > self.w_max:
+            raise ConfigError(f"params.yaml loss.w_min ({self.w_min}) must not exceed loss.w_max "
+                              f"({self.w_max}).")
+
+
+@dataclass(frozen=True)
+class TrainConfig(ScheduleConfig):
+    SECTION: ClassVar[str] = "train"
+    recipe: str = _opt("digits", choices=("digits", "cifar_240ep", "imagenet_100ep", "custom"))
+    view_policy: str = _opt("cycle", choices=("cycle", "random"))
+    teacher: str = _opt("cached", choices=("cached", "online"))
+    checkpoint_every: int = _opt(0, lo=0)  # epochs between resumable checkpoints (0 = only at end)
+    shuffle_buffer: int = _opt(0, lo=0)  # 0 = shuffle each shard fully in memory
+
+
+# Named training presets from the KD literature (AEKT.md "Recipes"); explicit keys override them.
+TRAIN_RECIPES: dict[str, dict[str, Any]] = {
+    "digits": dict(epochs=40, batch_size=64, lr=0.01, weight_decay=5e-4, lr_schedule="cosine"),
+    "cifar_240ep": dict(epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4, momentum=0.9,
+                        lr_schedule="multistep", milestones=(0.625, 0.75, 0.875), lr_gamma=0.1),
+    "imagenet_100ep": dict(epochs=100, batch_size=512, lr=0.2, weight_decay=1e-4, momentum=0.9,
+                           lr_schedule="multistep", milestones=(0.3, 0.6, 0.9), lr_gamma=0.1),
+    "custom": {},
+}
+
+
+def build_train_config(values: dict[str, Any] | None) -> TrainConfig:
+    """TrainConfig from the recipe preset overlaid with the section's explicit keys."""
+    values = dict(values or {})
+    recipe = values.get("recipe", TrainConfig.recipe)
+    if recipe not in TRAIN_RECIPES:
+        TrainConfig.from_params({"recipe": recipe})  # raises the standard choices error
+    merged = {**TRAIN_RECIPES[recipe], **values}
+    if "milestones" in merged:
+        merged["milestones"] = list(merged["milestones"])
+    return TrainConfig.from_params(merged)
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    SECTION: ClassVar[str] = "eval"
+    batch_size: int = _opt(256, lo=1)
+    top_k: int = _opt(5, lo=1)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig, "augment": AugmentConfig, "teacher": TeacherConfig, "cache": CacheConfig,
+    "student": StudentConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig,
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found. Run from the repository root or pass "
+                          "--params PATH.")
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}.")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(SECTIONS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{path}: unknown section '{unknown[0]}'.{hint} "
+                          f"Allowed sections: {', '.join(SECTIONS)}.")
+    return params
+
+
+def section(params: dict[str, Any], name: str) -> Any:
+    """Build the validated dataclass for params section ``name``."""
+    if name == "train":
+        return build_train_config(params.get("train"))
+    return SECTIONS[name].from_params(params.get(name))
