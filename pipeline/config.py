@@ -240,8 +240,7 @@ class TrainConfig(ScheduleConfig):
     recipe: str = _opt("digits", choices=("digits", "cifar_240ep", "imagenet_100ep", "custom"))
     view_policy: str = _opt("cycle", choices=("cycle", "random"))
     teacher: str = _opt("cached", choices=("cached", "online"))
-    checkpoint_every: int = _opt(0, lo=0)  # epochs between resumable checkpoints (0 = only at end)
-    shuffle_buffer: int = _opt(0, lo=0)  # 0 = shuffle each shard fully in memory
+    checkpoint_every: int = _opt(0, lo=0)  # epochs between resumable checkpoints (0 = none)
 
 
 # Named training presets from the KD literature (AEKT.md "Recipes"); explicit keys override them.

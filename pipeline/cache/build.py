@@ -1,0 +1,78 @@
+"""Stage 1 entry point: build (or resume) the teacher-logit store under Accelerate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import augment
+from pipeline.artifacts import load_model
+from pipeline.cache.store import CacheError, LogitStore, Provenance
+from pipeline.cache.writer import ShardSource, open_or_create, pending_items, store_lock, write_items
+from pipeline.config import AugmentConfig, CacheConfig
+from pipeline.data import Manifest
+from pipeline.distributed import make_accelerator
+
+log = logging.getLogger(__name__)
+
+
+def expected_provenance(manifest: Manifest, teacher_card: dict[str, Any], cfg: CacheConfig,
+                        aug: AugmentConfig) -> Provenance:
+    """The provenance a store built from these inputs carries (stage 2 recomputes and compares)."""
+    split = manifest.splits["train"]
+    for i, shard in enumerate(split.shards):
+        if shard.start != i * manifest.shard_size or shard.count != shard.end - shard.start:
+            raise CacheError(f"manifest {manifest.dataset}: shard {shard.name} covers [{shard.start}, "
+                             f"{shard.end}) but shards must be contiguous runs of shard_size "
+                             f"{manifest.shard_size}; rerun `aekt prepare`.")
+    if teacher_card["num_classes"] != manifest.num_classes:
+        raise CacheError(f"teacher {teacher_card['arch']} has {teacher_card['num_classes']} classes but "
+                         f"dataset {manifest.dataset} has {manifest.num_classes}; retrain or import a "
+                         "matching teacher (`aekt teacher`).")
+    codec_params = {"k": cfg.topk} if cfg.codec == "topk" else {}
+    return Provenance(
+        dataset=manifest.dataset, manifest_sha256=manifest.sha256, teacher_arch=teacher_card["arch"],
+        teacher_sha256=teacher_card["sha256"], recipe=aug.recipe, augment_seed=aug.seed,
+        image_size=aug.size, views=aug.views, codec=cfg.codec, codec_params=codec_params,
+        num_classes=manifest.num_classes, num_samples=split.num_samples,
+        shard_size=manifest.shard_size, num_params=augment.recipe_info(aug.recipe).num_params)
+
+
+def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, store_path: Path,
+                cfg: CacheConfig, aug: AugmentConfig, rebuild: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    """Write every missing (view, shard) chunk row; returns a summary (items, seconds, bytes)."""
+    accelerator = make_accelerator(cpu=not torch.cuda.is_available())
+    manifest = Manifest.load(manifest_path)
+    teacher, card = load_model(teacher_path)
+    prov = expected_provenance(manifest, card, cfg, aug)
+    source = ShardSource(manifest, Path(shards_dir))
+    main = accelerator.is_main_process
+    start = time.perf_counter()
+    with store_lock(store_path) if main else nullcontext():
+        if main:
+            store = open_or_create(Path(store_path), prov, cfg, rebuild=rebuild)
+        accelerator.wait_for_everyone()
+        if not main:
+            store = LogitStore.open(store_path, mode="r+")
+        items = pending_items(store)
+        # Nobody writes a marker before every rank has read the same list of pending items.
+        accelerator.wait_for_everyone()
+        mine = items[accelerator.process_index::accelerator.num_processes]
+        total = prov.views * prov.num_shards
+        log.info("rank %d: %d of %d (view, shard) items pending, %d mine", accelerator.process_index,
+                 len(items), total, len(mine))
+        teacher.to(accelerator.device).eval()
+        written = write_items(store, source, teacher, mine, cfg, aug, device=accelerator.device,
+                              progress=progress and main)
+        accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - start
+    samples = sum(prov.shard_range(s)[1] - prov.shard_range(s)[0] for _, s in mine)
+    return {"items_total": total, "items_pending": len(items), "items_written_here": written,
+            "samples_written_here": samples, "seconds": seconds,
+            "processes": accelerator.num_processes, "disk_bytes": store.disk_bytes() if main else {}}

@@ -1,0 +1,158 @@
+"""Stage 1: run the teacher once over V augmented views of every training sample.
+
+Work items are (view, shard) pairs; each is one chunk row of the store, so items are independent:
+processes take items round-robin, a restarted run skips items whose done marker is set, and the
+result does not depend on how the items were split (batches never cross a shard).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline import augment
+from pipeline.cache.store import CacheError, LogitStore, Provenance
+from pipeline.config import AugmentConfig, CacheConfig
+from pipeline.data import Manifest, decode_image, read_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where a split's shards live and how to decode them."""
+
+    manifest: Manifest
+    shards_dir: Path
+    split: str = "train"
+
+    def load(self, shard: int) -> tuple[list[str], torch.Tensor | list[torch.Tensor], np.ndarray, np.ndarray]:
+        """(keys, images, labels, indices) of one shard, checksum verified."""
+        info = self.manifest.splits[self.split].shards[shard]
+        samples = read_shard(self.shards_dir / info.name, expected_sha256=info.sha256)
+        images = [decode_image(s.image, channels=self.manifest.channels, name=f"{info.name}:{s.key}")
+                  for s in samples]
+        return ([s.key for s in samples], images, np.array([s.label for s in samples]),
+                np.array([s.index for s in samples]))
+
+
+def augment_views(recipe: str, images: list[torch.Tensor], params: np.ndarray, size: int) -> torch.Tensor:
+    """Apply each sample's stored/sampled params: list of uint8 [C, H, W] -> uint8 [n, C, h, w]."""
+    if augment.recipe_info(recipe).fixed_size:
+        return augment.apply_batch(recipe, torch.stack(images), torch.from_numpy(params))
+    return torch.stack([augment.apply(recipe, img, p, size=size) for img, p in zip(images, params, strict=True)])
+
+
+class _ViewItems(IterableDataset):
+    """Decode + augment one (view, shard) item at a time, split across DataLoader workers."""
+
+    def __init__(self, source: ShardSource, items: list[tuple[int, int]], aug: AugmentConfig):
+        self.source, self.items, self.aug = source, items, aug
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.items if info is None else self.items[info.id::info.num_workers]
+        for view, shard in mine:
+            keys, images, labels, indices = self.source.load(shard)
+            params = augment.sample_params(self.aug.recipe, seed=self.aug.seed, view=view, indices=indices)
+            yield {"view": view, "shard": shard, "keys": keys, "labels": labels, "params": params,
+                   "images": augment_views(self.aug.recipe, images, params, self.aug.size)}
+
+
+@contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock beside the store: a second `aekt cache` on the same store refuses to start."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise CacheError(f"{path}: another `aekt cache` is writing this store (lock {lock_path} is "
+                             "held). Wait for it to finish; stage 1 resumes where it stops.") from err
+        yield
+
+
+def open_or_create(path: Path, prov: Provenance, cfg: CacheConfig, *, rebuild: bool) -> LogitStore:
+    """Reuse a store built from the same inputs (resume), else rebuild it or refuse."""
+    if path.exists():
+        try:
+            store = LogitStore.open(path, mode="r+")
+            diff = store.provenance.mismatches(prov)
+        except CacheError as err:
+            diff = [str(err)]
+        if not diff:
+            return store
+        if not rebuild:
+            raise CacheError(f"{path}: built from other inputs — " + "; ".join(diff) +
+                             ". Rebuild it with `aekt cache --rebuild` (or delete the store).")
+        log.warning("%s: inputs changed (%s); rebuilding the store", path, "; ".join(diff))
+    return LogitStore.create(path, prov, compressor=cfg.compressor, clevel=cfg.clevel)
+
+
+def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, recipe: str, *, batch_size: int,
+                   device: torch.device, mixed_precision: str) -> np.ndarray:
+    """uint8 [n, C, H, W] -> float32 [n, classes], in batches that never cross a shard."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    out = []
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            out.append(teacher(augment.normalize(batch, recipe)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def _finish_item(store: LogitStore, item: dict, logits: np.ndarray) -> None:
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise CacheError(f"teacher produced non-finite logits for sample '{item['keys'][i]}' (shard "
+                         f"{item['shard']}, view {item['view']}); check the teacher checkpoint and "
+                         "cache.mixed_precision. No done marker was written for this shard.")
+    arrays = store.codec.encode(logits, item["labels"])
+    store.write_row(item["view"], item["shard"], arrays, item["params"])
+    store.mark_done(item["view"], item["shard"])
+
+
+def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module,
+                items: list[tuple[int, int]], cfg: CacheConfig, aug: AugmentConfig, *,
+                device: torch.device, progress: bool = True) -> int:
+    """Compute and write ``items``; encoding + writing runs on a thread, off the teacher's path."""
+    loader = DataLoader(_ViewItems(source, items, aug), batch_size=None, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    pending: list[Future] = []
+    done = 0
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for item in tqdm(loader, total=len(items), disable=not progress, desc="cache", unit="shard"):
+            logits = teacher_logits(teacher, item["images"], aug.recipe, batch_size=cfg.batch_size,
+                                    device=device, mixed_precision=cfg.mixed_precision)
+            pending.append(writer.submit(_finish_item, store, item, logits))
+            # Surface write errors early and bound memory to a couple of items in flight.
+            while len(pending) > 2:
+                pending.pop(0).result()
+                done += 1
+        for fut in pending:
+            fut.result()
+            done += 1
+    return done
+
+
+def pending_items(store: LogitStore) -> list[tuple[int, int]]:
+    mask = store.done_mask()
+    return [(int(v), int(s)) for v, s in np.argwhere(~mask)]
+
+
+def env_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

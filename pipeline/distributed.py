@@ -1,0 +1,28 @@
+"""Accelerate set-up shared by the multi-process stages, with the launch-trap check.
+
+``accelerate launch --multi_gpu`` without GPUs starts processes that each believe they are alone,
+and would silently train (or cache) N times over; see DESIGN.md "Multi-process launch".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from accelerate import Accelerator
+
+
+class LaunchError(RuntimeError):
+    """The processes started do not form the world the launcher asked for."""
+
+
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    accelerator = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise LaunchError(
+            f"the launcher started {launched} processes but Accelerate sees a world of "
+            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); each "
+            "process would do the whole job. On CPU launch with `torchrun --nproc_per_node N`; on GPUs "
+            "with `accelerate launch --multi_gpu --num_processes N`.")
+    return accelerator
