@@ -1,0 +1,133 @@
+"""pipeline.losses: the registry, compute_loss's named terms, warm-up and the loss description."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import LOSS_NAMES, LossConfig
+from pipeline.losses import (
+    LOSSES,
+    aekt_loss,
+    ce_loss,
+    compute_loss,
+    describe_loss,
+    dist_loss,
+    dkd_loss,
+    kd_loss,
+    nkd_loss,
+    warmup_factor,
+)
+
+N, C = 6, 5
+
+
+def make(seed: int):
+    """(student [N, C] requiring grad, teacher [N, C], targets [N]) in float64."""
+    g = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(N, C, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    return student, teacher, torch.randint(0, C, (N,), generator=g)
+
+
+def aekt_sum(s, t, y, **kw):
+    out = aekt_loss(s, t, y, **{"tau": 4.0, "alpha": 1.0, "beta": 8.0, "w_min": 0.0, "w_max": 10.0, **kw})
+    return out["explicit"] + out["implicit"]
+
+
+EXPECTED_TERMS = {
+    "ce": {"ce"}, "kd": {"ce", "kd"}, "dkd": {"ce", "tckd", "nckd"},
+    "nkd": {"ce", "nkd_target", "nkd_nontarget"}, "dist": {"ce", "dist_inter", "dist_intra"},
+    "aekt": {"ce", "explicit", "implicit"},
+}
+
+
+def run_compute(name: str, warmup: float = 1.0, **overrides):
+    cfg = LossConfig(name=name, ce_weight=0.5, kd_weight=0.9, **overrides)
+    s, t, y = make(3)
+    z_cls = 1.5 * s  # distinct from z_kd, to check which term sees which logits
+    out = compute_loss(cfg, z_cls=z_cls, z_kd=s, teacher_logits=t, targets=y, warmup=warmup)
+    return cfg, (z_cls, s, t, y), out
+
+
+def test_registry_covers_the_config_choices():
+    assert set(LOSSES) == set(LOSS_NAMES) == set(EXPECTED_TERMS)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_compute_loss_terms(name):
+    cfg, (z_cls, s, t, y), out = run_compute(name)
+    assert set(out.terms) == EXPECTED_TERMS[name]
+    torch.testing.assert_close(out.terms["ce"], 0.5 * ce_loss(z_cls, y))
+    distill = {
+        "ce": lambda: torch.zeros((), dtype=torch.float64),
+        "kd": lambda: 0.9 * kd_loss(s, t, tau=cfg.tau),
+        "dkd": lambda: dkd_loss(s, t, y, alpha=cfg.alpha, beta=cfg.beta, tau=cfg.tau),
+        "nkd": lambda: nkd_loss(s, t, y, gamma=cfg.gamma, tau=cfg.tau),
+        "dist": lambda: dist_loss(s, t, beta=cfg.beta, gamma=cfg.gamma, tau=cfg.tau),
+        "aekt": lambda: aekt_sum(s, t, y, tau=cfg.tau, alpha=cfg.alpha, beta=cfg.beta),
+    }[name]()
+    torch.testing.assert_close(out.total, out.terms["ce"] + distill)
+    assert out.stats["stat/warmup"] == 1.0
+    if name == "aekt":
+        assert {"stat/w_mean", "stat/w_min", "stat/w_max", "stat/w_clipped"} <= set(out.stats)
+        assert all(isinstance(v, float) for v in out.stats.values())
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_warmup_scales_only_distillation_terms(name):
+    _, _, full = run_compute(name, warmup=1.0)
+    _, _, warm = run_compute(name, warmup=0.25)
+    for key, value in full.terms.items():
+        torch.testing.assert_close(warm.terms[key], value if key == "ce" else 0.25 * value)
+
+
+def test_aekt_switches_reach_the_loss():
+    _, (_, s, t, y), out = run_compute("aekt", adaptive="none", explicit="nkd", w_max=3.0)
+    expected = aekt_loss(s, t, y, tau=4.0, alpha=1.0, beta=8.0, w_min=0.0, w_max=3.0,
+                         adaptive="none", explicit="nkd")
+    torch.testing.assert_close(out.terms["explicit"], expected["explicit"])
+
+
+def test_teacher_is_detached_and_optional_only_for_ce():
+    s, t, y = make(0)
+    t.requires_grad_()
+    out = compute_loss(LossConfig(name="aekt"), z_cls=s, z_kd=s, teacher_logits=t, targets=y, warmup=1.0)
+    out.total.backward()
+    assert t.grad is None and s.grad is not None
+    compute_loss(LossConfig(name="ce"), z_cls=s, z_kd=s, teacher_logits=None, targets=y, warmup=1.0)
+    with pytest.raises(ValueError, match="needs teacher logits"):
+        compute_loss(LossConfig(name="kd"), z_cls=s, z_kd=s, teacher_logits=None, targets=y, warmup=1.0)
+
+
+def test_unknown_loss_name_lists_valid_names():
+    s, t, y = make(0)
+    with pytest.raises(ValueError, match="ce, kd, dkd, nkd, dist, aekt"):
+        compute_loss(LossConfig(name="dkdd"), z_cls=s, z_kd=s, teacher_logits=t, targets=y, warmup=1.0)
+    with pytest.raises(ValueError, match="Valid names"):
+        describe_loss(LossConfig(name="dkdd"), 1.0)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(name="ce"), "1·ce"),
+    (dict(name="kd", ce_weight=0.1, kd_weight=0.9), "0.1·ce + 0.5·(0.9·kd) [τ=4, head=serial]"),
+    (dict(name="dkd", head="none"), "1·ce + 0.5·(1·tckd + 8·nckd) [τ=4, head=none]"),
+    (dict(name="aekt"), "1·ce + 0.5·(1·w·tckd + 8·nckd) [τ=4, w=clip(sg(p_t^T/p_t^S), 0, 10), head=serial]"),
+    (dict(name="aekt", adaptive="none", explicit="nkd", head="parallel"),
+     "1·ce + 0.5·(1·nkd_target + 8·nckd) [τ=4, head=parallel]"),
+    (dict(name="dist", beta=2.0, gamma=2.0), "1·ce + 0.5·(2·dist_inter + 2·dist_intra) [τ=4, head=serial]"),
+])
+def test_describe_loss(overrides, expected):
+    assert describe_loss(LossConfig(**overrides), 0.5) == expected
+
+
+@pytest.mark.parametrize("epoch,warmup_epochs,expected", [
+    (1, 20, 0.05), (10, 20, 0.5), (20, 20, 1.0), (240, 20, 1.0), (0, 20, 0.0), (1, 0, 1.0), (3, 2.5, 1.0),
+])
+def test_warmup_factor(epoch, warmup_epochs, expected):
+    assert warmup_factor(epoch, warmup_epochs) == pytest.approx(expected)
+
+
+def test_warmup_factor_rejects_negative():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        warmup_factor(1, -1)
