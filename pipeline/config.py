@@ -119,7 +119,7 @@ def _check_range(section: str, key: str, value: Any, meta: Any) -> None:
 
 DATA_SOURCES = ("digits", "cifar10", "cifar100", "folder", "imagenet")
 RECIPES = ("digits", "cifar", "imagenet")
-CODECS = ("fp16", "int8", "topk")
+CODECS = ("fp32", "fp16", "int8", "topk")
 LOSS_NAMES = ("ce", "kd", "dkd", "nkd", "dist", "aekt")
 
 

@@ -3,6 +3,7 @@
 Every codec stores *logits* (or enough to rebuild them), so the distillation temperature stays a
 stage-2 hyperparameter (DESIGN invariant 4). Bytes per sample-view before compression, C classes:
 
+- ``fp32``: the logits as computed, 4C bytes, lossless (for exact cached-vs-online comparisons).
 - ``fp16``: the logits in float16, 2C bytes. Relative error <= 2^-11 per logit.
 - ``int8``: per-row affine uint8 quantisation, ``z ~ offset + scale * q``, C + 8 bytes. Absolute
   error <= scale / 2 = (max - min) / 510 per logit.
@@ -35,8 +36,8 @@ class Codec:
 
     def fields(self, num_classes: int) -> dict[str, FieldSpec]:
         """The arrays this codec stores per sample-view, with their row shapes and dtypes."""
-        if self.name == "fp16":
-            return {"logits": FieldSpec((num_classes,), "float16")}
+        if self.name in ("fp32", "fp16"):
+            return {"logits": FieldSpec((num_classes,), "float32" if self.name == "fp32" else "float16")}
         if self.name == "int8":
             return {"q": FieldSpec((num_classes,), "uint8"), "affine": FieldSpec((2,), "float32")}
         k = self.k(num_classes)
@@ -54,6 +55,8 @@ class Codec:
     def encode(self, logits: np.ndarray, targets: np.ndarray) -> Arrays:
         """float32 ``[B, C]`` logits (+ int ``[B]`` targets) -> the codec's arrays, ``[B, ...]`` each."""
         logits = np.asarray(logits, dtype=np.float32)
+        if self.name == "fp32":
+            return {"logits": logits}
         if self.name == "fp16":
             return {"logits": encode_fp16(logits)}
         if self.name == "int8":
@@ -63,7 +66,7 @@ class Codec:
 
     def decode(self, arrays: Arrays, num_classes: int, targets: np.ndarray | None = None) -> np.ndarray:
         """The codec's arrays -> float32 ``[B, C]`` logits."""
-        if self.name == "fp16":
+        if self.name in ("fp32", "fp16"):
             return arrays["logits"].astype(np.float32)
         if self.name == "int8":
             return decode_int8(arrays["q"], arrays["affine"])
@@ -72,7 +75,7 @@ class Codec:
         return decode_topk(arrays, np.asarray(targets), num_classes)
 
 
-CODEC_NAMES = ("fp16", "int8", "topk")
+CODEC_NAMES = ("fp32", "fp16", "int8", "topk")
 
 
 def make_codec(name: str, *, topk: int = 20) -> Codec:

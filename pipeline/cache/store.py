@@ -44,6 +44,7 @@ class Provenance:
     manifest_sha256: str
     teacher_arch: str
     teacher_sha256: str
+    teacher_precision: str  # cache.mixed_precision: bf16/fp16 teacher logits differ from fp32 ones
     recipe: str
     augment_seed: int
     image_size: int

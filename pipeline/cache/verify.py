@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Max KL(fresh || decoded) at tau=1 accepted per codec: fp16 is near-lossless, int8 loses up to
 # range/510 per logit, topk flattens the tail (its error depends on k and the class count).
-KL_TOLERANCE = {"fp16": 1e-4, "int8": 2e-3, "topk": 5e-2}
+KL_TOLERANCE = {"fp32": 1e-9, "fp16": 1e-4, "int8": 2e-3, "topk": 5e-2}
 
 
 def kl_at(reference: np.ndarray, approx: np.ndarray, tau: float) -> np.ndarray:

@@ -136,6 +136,8 @@ def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module
     done = 0
     with ThreadPoolExecutor(max_workers=1) as writer:
         for item in tqdm(loader, total=len(items), disable=not progress, desc="cache", unit="shard"):
+            # The DataLoader turns numpy arrays into tensors; the store wants numpy.
+            item["params"], item["labels"] = np.asarray(item["params"]), np.asarray(item["labels"])
             logits = teacher_logits(teacher, item["images"], aug.recipe, batch_size=cfg.batch_size,
                                     device=device, mixed_precision=cfg.mixed_precision)
             pending.append(writer.submit(_finish_item, store, item, logits))

@@ -1,0 +1,238 @@
+"""WebDataset shard writer and validating reader.
+
+A shard is an uncompressed tar of samples ``{key}.cls``, ``{key}.idx``, ``{key}.{jpg|png}``,
+members sorted by (index, extension) so WebDataset sees each key's files together. Headers are
+fixed (mtime 0, uid/gid 0, empty owner names, mode 0644, USTAR), so the same samples always give
+the same bytes and the manifest's sha256 is reproducible. Readers trust nothing in a shard: every
+member's name, type and size is checked before its bytes are read, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pipeline.data.samples import IMAGE_EXTS, DataError, Sample, sha256_file
+
+# Bounds a member before its bytes are read: the largest ImageNet JPEG is ~15 MB.
+MAX_MEMBER_BYTES = 64 << 20
+SHARD_EXTS = frozenset({"cls", "idx", *IMAGE_EXTS})
+# Extensions that other WebDataset tools decode by unpickling: named in the refusal message.
+PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt"})
+BLOCK, RECORD = 512, 20 * 512
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_RERUN = "rerun `aekt prepare` (or `dvc repro prepare`) to rebuild the shards"
+
+
+def shard_name(split: str, number: int) -> str:
+    """File name of shard ``number`` of ``split``, e.g. ``train-00003.tar``."""
+    return f"{split}-{number:05d}.tar"
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """512-byte POSIX ustar header of a regular file with fixed metadata.
+
+    Built by hand rather than with tarfile: tarfile's header bytes have changed between Python
+    versions (e.g. devmajor fields), which would change every shard's sha256; it is also ~10x
+    slower, and the parent process writes every shard.
+    """
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes")
+    header = bytearray(BLOCK)
+    header[0:len(raw)] = raw
+    header[100:136] = b"0000644\x00" + b"0000000\x00" * 2 + b"%011o\x00" % size
+    header[136:148] = b"00000000000\x00"  # mtime 0
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header)
+
+
+def write_shard(path: str | Path, samples: Iterable[Sample]) -> str:
+    """Write ``samples`` as a deterministic tar at ``path`` atomically; return its sha256.
+
+    The tar is written to a temporary name in the same directory and renamed, so a reader or an
+    interrupted run never sees a half-written shard.
+    """
+    path = Path(path)
+    chunks = []
+    for s in sorted(samples, key=lambda s: s.index):
+        if not _KEY_RE.fullmatch(s.key) or s.ext not in IMAGE_EXTS:
+            raise ValueError(f"invalid sample key {s.key!r} or ext {s.ext!r} for {path}")
+        for ext, data in (("cls", str(s.label).encode()), ("idx", str(s.index).encode()),
+                          (s.ext, s.image)):
+            chunks += [_ustar_header(f"{s.key}.{ext}", len(data)), data,
+                       bytes(-len(data) % BLOCK)]
+    chunks.append(bytes(2 * BLOCK))  # end-of-archive marker
+    # Pad to a whole 10 KiB record like tar(1) and tarfile, for tools that expect it.
+    chunks.append(bytes(-sum(map(len, chunks)) % RECORD))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.writelines(chunks)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sha256_file(path)
+
+
+def _check_name(name: str, where: str) -> None:
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name or "\x00" in name:
+        raise DataError(f"{where}: refusing tar member {name!r}: absolute path or '..' escape.")
+
+
+def check_tar_member(info: tarfile.TarInfo, *, archive_bytes: int, where: str,
+                     max_member_bytes: int = MAX_MEMBER_BYTES) -> None:
+    """Refuse unsafe or impossible members of a tarfile archive (ImageFolder .tar sources).
+
+    Path escapes, links, devices, fifos, sparse and oversized members are refused; a header
+    declaring more data than the file holds (``archive_bytes``) is corrupt, and is rejected
+    before anything is allocated for it.
+    """
+    _check_name(info.name, where)
+    if info.issym() or info.islnk():
+        raise DataError(f"{where}: refusing tar member {info.name!r}: links are not allowed "
+                        f"(-> {info.linkname!r}).")
+    if info.isdir():
+        return
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        raise DataError(f"{where}: refusing tar member {info.name!r}: not a regular file "
+                        f"(type {info.type!r}: device, fifo, sparse or unknown).")
+    _check_size(info.name, info.size, info.offset_data, archive_bytes, where, max_member_bytes,
+                hint="")
+
+
+def _check_size(name: str, size: int, offset: int, archive_bytes: int, where: str,
+                max_member_bytes: int, *, hint: str = f"; {_RERUN}") -> None:
+    if size > max_member_bytes:
+        raise DataError(f"{where}: refusing tar member {name!r}: declares {size} bytes, above "
+                        f"the {max_member_bytes}-byte limit.")
+    if offset + size > archive_bytes:
+        raise DataError(f"{where}: tar member {name!r} declares {size} bytes but the archive "
+                        f"ends at byte {archive_bytes}: truncated or corrupt{hint}.")
+
+
+# ustar type flags we refuse in shards, with the reason shown to the user.
+_REFUSED_TYPES = {b"1": "a hard link", b"2": "a symlink", b"3": "a character device",
+                  b"4": "a block device", b"5": "a directory", b"6": "a fifo",
+                  b"x": "a pax extended header", b"g": "a pax global header",
+                  b"L": "a GNU long name", b"K": "a GNU long link name", b"S": "a sparse file"}
+
+
+def _octal(field: bytes, what: str, where: str) -> int:
+    text = field.rstrip(b"\x00 ").lstrip(b" ")
+    if not text or text.strip(b"01234567"):
+        raise DataError(f"{where}: corrupt tar header ({what} field {field!r}); {_RERUN}.")
+    return int(text, 8)
+
+
+def iter_ustar(data: bytes, *, where: str,
+               max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each member of an in-memory ustar archive, strictly validated.
+
+    Accepts only what ``write_shard`` (or any plain ustar/GNU writer) produces for regular
+    files; links, devices, directories and extended headers are refused, every header checksum
+    and size is checked before its data is sliced, and the end-of-archive marker is required
+    (a tar cut at a member boundary would otherwise read as a valid, shorter shard).
+    """
+    pos, zero = 0, bytes(BLOCK)
+    while True:
+        header = data[pos:pos + BLOCK]
+        if len(header) < BLOCK:
+            raise DataError(f"{where}: truncated tar (no end-of-archive marker after byte "
+                            f"{pos}); {_RERUN}.")
+        if header == zero:
+            if data[pos + BLOCK:pos + 2 * BLOCK] != zero:
+                raise DataError(f"{where}: truncated tar (incomplete end-of-archive marker at "
+                                f"byte {pos}); {_RERUN}.")
+            return
+        checksum = _octal(header[148:156], "checksum", where)
+        if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]) or \
+                not header[257:262] == b"ustar":
+            raise DataError(f"{where}: corrupt tar header at byte {pos} (bad checksum or magic); "
+                            f"{_RERUN}.")
+        name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
+        if header[257:263] == b"ustar\x00" and prefix:
+            name = f"{prefix}/{name}"
+        _check_name(name, where)
+        kind = header[156:157]
+        if kind in _REFUSED_TYPES:
+            raise DataError(f"{where}: refusing tar member {name!r}: {_REFUSED_TYPES[kind]} "
+                            "(shards hold only regular files).")
+        if kind not in (b"0", b"\x00"):
+            raise DataError(f"{where}: refusing tar member {name!r}: unknown type {kind!r}.")
+        size = _octal(header[124:136], "size", where)
+        _check_size(name, size, pos + BLOCK, len(data), where, max_member_bytes)
+        yield name, data[pos + BLOCK:pos + BLOCK + size]
+        pos += BLOCK + size + (-size % BLOCK)
+
+
+def _parse_int(text: bytes, *, what: str, where: str) -> int:
+    if not (0 < len(text) <= 20 and text.isdigit()):
+        raise DataError(f"{where}: {what} must be a non-negative ASCII integer, got {text[:40]!r}.")
+    return int(text)
+
+
+def _collect_members(data: bytes, where: str, max_member_bytes: int) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} for a shard's bytes, with every member checked before it is read."""
+    by_key: dict[str, dict[str, bytes]] = {}
+    for name, payload in iter_ustar(data, where=where, max_member_bytes=max_member_bytes):
+        key, dot, ext = name.partition(".")
+        if not dot or not _KEY_RE.fullmatch(key):
+            raise DataError(f"{where}: member {name!r} is not '<key>.<ext>'.")
+        if ext in PICKLE_EXTS:
+            raise DataError(f"{where}: refusing member {name!r}: pickled payloads are never "
+                            "loaded from shards.")
+        if ext not in SHARD_EXTS:
+            raise DataError(f"{where}: member {name!r} has unknown extension {ext!r}; expected "
+                            f"one of {', '.join(sorted(SHARD_EXTS))}.")
+        if ext in by_key.setdefault(key, {}):
+            raise DataError(f"{where}: duplicate member {name!r}.")
+        by_key[key][ext] = payload
+    return by_key
+
+
+def read_shard(path: str | Path, *, expected_sha256: str | None = None,
+               max_member_bytes: int = MAX_MEMBER_BYTES) -> list[Sample]:
+    """Read and validate one shard; return its samples sorted by index.
+
+    Raises DataError naming the shard for a sha256 mismatch, a corrupt or truncated tar, unsafe
+    members, unknown extensions, a key missing its ``.cls``/``.idx``/image, or indices that are
+    not one contiguous range.
+    """
+    path = Path(path)
+    where = f"shard {path}"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise DataError(f"{where}: sha256 {actual} does not match the manifest's "
+                            f"{expected_sha256}: the shard is corrupt or was rewritten; {_RERUN}.")
+    samples = []
+    for key, files in _collect_members(data, where, max_member_bytes).items():
+        images = [e for e in IMAGE_EXTS if e in files]
+        missing = [e for e in ("cls", "idx") if e not in files] + ([] if images else ["jpg|png"])
+        if missing or len(images) > 1:
+            raise DataError(f"{where}: sample {key!r} has members {sorted(files)}; expected "
+                            "exactly one image (.jpg or .png) plus .cls and .idx.")
+        samples.append(Sample(
+            key=key, image=files[images[0]], ext=images[0],
+            label=_parse_int(files["cls"], what=f"{key}.cls", where=where),
+            index=_parse_int(files["idx"], what=f"{key}.idx", where=where)))
+    samples.sort(key=lambda s: s.index)
+    if samples and [s.index for s in samples] != list(range(samples[0].index,
+                                                            samples[0].index + len(samples))):
+        raise DataError(f"{where}: sample indices are not one contiguous range; {_RERUN}.")
+    return samples

@@ -1,0 +1,85 @@
+"""Evaluate stage: the exported student (z_cls, no head) on the test split."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.artifacts import load_model  # noqa: E402
+from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
+from pipeline.data import Manifest  # noqa: E402
+from pipeline.reports import write_metrics  # noqa: E402
+from pipeline.stream import ShardStream, StreamSpec  # noqa: E402
+from pipeline.train import predict  # noqa: E402
+
+
+def accuracy_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], top_k: int) -> dict:
+    ranked = np.argsort(-logits, axis=1)
+    k = min(top_k, logits.shape[1])
+    per_class = {}
+    for c, name in enumerate(classes):
+        mask = labels == c
+        per_class[name] = float((ranked[mask, 0] == c).mean()) if mask.any() else None
+    return {"top1": float((ranked[:, 0] == labels).mean()),
+            f"top{k}": float((ranked[:, :k] == labels[:, None]).any(1).mean()),
+            "num_samples": int(len(labels)), "per_class_top1": per_class}
+
+
+def confusion(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (labels, logits.argmax(1)), 1)
+    return out
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    n = len(classes)
+    size = min(14, 3 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, metrics_path: Path,
+                 plots_dir: Path, cfg: EvalConfig, aug: AugmentConfig) -> dict[str, Any]:
+    model, card = load_model(model_path)
+    manifest = Manifest.load(manifest_path)
+    spec = StreamSpec(manifest_path=manifest_path, shards_dir=shards_dir, split="test", recipe=aug.recipe,
+                      image_size=aug.size, aug_seed=aug.seed, views=1, train=False)
+    logits, labels = predict(model, ShardStream(spec), device=torch.device("cpu"), batch_size=cfg.batch_size)
+    classes = list(manifest.classes)
+    report = {"model": str(model_path), "arch": card["arch"], **accuracy_report(logits, labels, classes,
+                                                                                cfg.top_k)}
+    write_metrics(metrics_path, report)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    with (plots_dir / "per_class.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "top1"])
+        writer.writerows([name, f"{acc:.4f}" if acc is not None else ""]
+                         for name, acc in report["per_class_top1"].items())
+    plot_confusion(confusion(logits, labels, len(classes)), classes, plots_dir / "confusion.png",
+                   f"{card['arch']} on {manifest.dataset} test: top-1 {report['top1']:.1%}")
+    return report

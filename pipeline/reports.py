@@ -1,0 +1,34 @@
+"""Metrics and plot data in the files dvc.yaml declares (`dvc metrics show`, `dvc plots show`)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import write_json_atomic
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    write_json_atomic(path, metrics)
+
+
+def write_history_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """One row per epoch; columns are the union of keys (first row's order first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c.replace("/", "_") for c in columns])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k.replace("/", "_"): _fmt(v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value

@@ -1,0 +1,81 @@
+"""Resumable training checkpoints: atomic, checksummed, described by JSON (never by folder names).
+
+``<dir>/epoch-0005/`` holds ``model.safetensors``, ``optimizer.pt`` (tensors and numbers only, so it
+loads with ``weights_only=True``) and ``state.json`` (epoch, history, config fingerprint, sha256 of
+the two files). A checkpoint is written into a temporary folder and renamed into place, and only
+then does ``latest.json`` point at it; resuming verifies the checksums and falls back to the newest
+intact checkpoint when the latest one is torn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.artifacts import sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+KEEP = 2
+
+
+class ResumeError(ValueError):
+    """No usable checkpoint, or one written by a run with another configuration."""
+
+
+def save_checkpoint(ckpt_dir: Path, *, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"epoch-{epoch:04d}"
+    tmp = ckpt_dir / f".tmp-epoch-{epoch:04d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    files = {name: sha256_file(tmp / name) for name in ("model.safetensors", "optimizer.pt")}
+    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    write_json_atomic(ckpt_dir / "latest.json", {"epoch": epoch, "dir": final.name})
+    for old in sorted(ckpt_dir.glob("epoch-*"))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _intact(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        for name, digest in state["files"].items():
+            if sha256_file(path / name) != digest:
+                raise ValueError(f"{name} checksum mismatch")
+        return state
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("checkpoint %s is not usable (%s); trying an older one", path, err)
+        return None
+
+
+def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    fingerprint: str) -> dict[str, Any]:
+    """Restore the newest intact checkpoint into model/optimizer; returns its state.json."""
+    candidates = sorted(ckpt_dir.glob("epoch-*"), reverse=True)
+    if not candidates:
+        raise ResumeError(f"{ckpt_dir}: no checkpoint to resume from; run without --resume (and set "
+                          "train.checkpoint_every > 0 to write checkpoints).")
+    for path in candidates:
+        state = _intact(path)
+        if state is None:
+            continue
+        if state.get("fingerprint") != fingerprint:
+            raise ResumeError(f"{path}: written by a run with other parameters (student/loss/train "
+                              "params or the cache changed); run without --resume to start over.")
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        log.info("resumed from %s (epoch %d)", path, state["epoch"])
+        return state
+    raise ResumeError(f"{ckpt_dir}: every checkpoint is damaged; run without --resume to start over.")

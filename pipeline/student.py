@@ -1,0 +1,117 @@
+"""Stage 2: train the student from shards + the Zarr cache (or an online teacher)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline.artifacts import load_model, read_card, save_model
+from pipeline.cache.build import expected_provenance
+from pipeline.cache.store import CacheError, LogitStore
+from pipeline.config import AugmentConfig, CacheConfig, LossConfig, StudentConfig, TrainConfig
+from pipeline.data import Manifest
+from pipeline.heads import DistillStudent
+from pipeline.models import build_model, classifier_of
+from pipeline.reports import write_history_csv, write_metrics
+from pipeline.stream import StreamSpec
+from pipeline.train import TrainJob, fit, is_main_process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentPaths:
+    manifest: Path
+    shards_dir: Path
+    teacher: Path  # models/teacher.safetensors (its card is checked against the cache)
+    store: Path
+    model_out: Path  # models/student.safetensors
+    metrics: Path
+    history: Path
+    ckpt_dir: Path
+
+
+def check_store(paths: StudentPaths, manifest: Manifest, cache: CacheConfig, aug: AugmentConfig,
+                train: TrainConfig) -> LogitStore:
+    """Refuse a store that was not built from these inputs, or that is unfinished."""
+    store = LogitStore.open(paths.store)
+    expected = expected_provenance(manifest, read_card(paths.teacher), cache, aug)
+    diff = store.provenance.mismatches(expected)
+    if diff:
+        raise CacheError(f"{paths.store}: the cache does not match this run's inputs — " + "; ".join(diff)
+                         + ". Rebuild it with `dvc repro cache` (or `aekt cache --rebuild`).")
+    done = store.done_mask()
+    if not done.all():
+        raise CacheError(f"{paths.store}: {int((~done).sum())} of {done.size} (view, shard) rows are "
+                         "unfinished; rerun `aekt cache` (it resumes) before training the student.")
+    if train.view_policy == "cycle" and train.epochs > store.provenance.views:
+        log.warning("%d epochs over %d cached views: view_policy=cycle reuses each view ~%.1f times",
+                    train.epochs, store.provenance.views, train.epochs / store.provenance.views)
+    return store
+
+
+def build_student(arch: str, manifest: Manifest, loss: LossConfig, seed: int) -> DistillStudent:
+    torch.manual_seed(seed)
+    backbone = build_model(arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
+    # The serialization head is part of AEKT; baselines (KD, DKD, ...) train without one.
+    head = loss.head if loss.name == "aekt" else "none"
+    return DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, head)
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConfig, train: TrainConfig,
+                  cache: CacheConfig, aug: AugmentConfig, resume: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    manifest = Manifest.load(paths.manifest)
+    online = train.teacher == "online" or loss.name == "ce"
+    store = None if online else check_store(paths, manifest, cache, aug, train)
+    teacher = load_model(paths.teacher)[0] if train.teacher == "online" and loss.name != "ce" else None
+    views = store.provenance.views if store else aug.views
+    common = dict(manifest_path=paths.manifest, shards_dir=paths.shards_dir, recipe=aug.recipe,
+                  image_size=aug.size, aug_seed=aug.seed, views=views, seed=train.seed)
+    job = TrainJob(
+        model=build_student(student.arch, manifest, loss, train.seed), sched=train, loss=loss,
+        train=StreamSpec(split="train", view_policy=train.view_policy,
+                         store_path=None if store is None else paths.store, **common),
+        test=StreamSpec(split="test", train=False, **common), teacher=teacher,
+        ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
+        fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
+        desc=f"student[{loss.name}]")
+    if not resume and is_main_process():
+        shutil.rmtree(paths.ckpt_dir, ignore_errors=True)
+    model, history = fit(job)
+    final, best = history[-1], max(history, key=lambda r: r["test_top1"])
+    metrics = {"final_top1": final["test_top1"], "final_top5": final["test_top5"],
+               "best_top1": best["test_top1"], "best_epoch": best["epoch"], "epochs": len(history),
+               "loss": loss.name, "teacher_mode": "online" if teacher is not None else
+               ("none" if loss.name == "ce" else "cached"),
+               "final_terms": {k: v for k, v in final.items() if k.startswith(("loss/", "stat/"))},
+               "img_per_s_mean": sum(r["img_per_s"] for r in history) / len(history)}
+    if is_main_process():
+        card = {"arch": student.arch, "num_classes": manifest.num_classes,
+                "in_channels": manifest.channels, "classes": list(manifest.classes),
+                "recipe": aug.recipe, "image_size": aug.size, "dataset": manifest.dataset,
+                "manifest_sha256": manifest.sha256, "loss": asdict(loss),
+                "cache": None if store is None else asdict(store.provenance),
+                "test_top1": final["test_top1"]}
+        save_model(model.backbone, paths.model_out, card)  # the head is dropped: z_cls only
+        if model.serial_weight is not None:
+            # Training-only FC_TS weight, kept beside the student for `aekt inspect --student`.
+            save_file({"fc_ts.weight": model.serial_weight.detach().cpu().contiguous()},
+                      str(paths.model_out.with_name("student-head.safetensors")))
+        write_metrics(paths.metrics, metrics)
+        write_history_csv(paths.history, history)
+    return metrics

@@ -1,0 +1,74 @@
+"""Teacher stage: train a zoo model with CE on the prepared shards, or import a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import save_model, sha256_file
+from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
+from pipeline.data import Manifest
+from pipeline.heads import DistillStudent
+from pipeline.models import build_model, classifier_of, load_checkpoint, load_weights, torchvision_weights
+from pipeline.reports import write_history_csv, write_metrics
+from pipeline.stream import ShardStream, StreamSpec
+from pipeline.train import TrainJob, fit, is_main_process, predict
+
+log = logging.getLogger(__name__)
+
+# Teacher training draws its augmentations from another stream than the cached views, so the
+# views the cache stores are not the exact images the teacher was fitted on.
+TEACHER_SEED_OFFSET = 1_000_003
+
+
+def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
+    model = build_model(cfg.arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
+    assert cfg.checkpoint is not None
+    if Path(cfg.checkpoint).exists() or "_Weights." not in cfg.checkpoint:
+        state = load_checkpoint(cfg.checkpoint)
+    else:
+        state = torchvision_weights(cfg.arch, cfg.checkpoint)
+    load_weights(model, state, source=cfg.checkpoint)
+    return model
+
+
+def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metrics_path: Path,
+                history_path: Path, cfg: TeacherConfig, aug: AugmentConfig,
+                progress: bool = True) -> dict[str, Any]:
+    manifest = Manifest.load(manifest_path)
+    common = dict(manifest_path=manifest_path, shards_dir=shards_dir, recipe=aug.recipe,
+                  image_size=aug.size, aug_seed=aug.seed + TEACHER_SEED_OFFSET, views=cfg.epochs,
+                  seed=cfg.seed)
+    test = StreamSpec(split="test", train=False, **common)
+    history: list[dict[str, Any]] = []
+    if cfg.checkpoint:
+        model = _import(cfg, manifest)
+        logits, labels = predict(model, ShardStream(test), device=torch.device("cpu"),
+                                 batch_size=cfg.batch_size)
+        top1 = float((logits.argmax(1) == labels).mean())
+        source = {"kind": "imported", "checkpoint": cfg.checkpoint,
+                  "checkpoint_sha256": sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None}
+    else:
+        torch.manual_seed(cfg.seed)
+        backbone = build_model(cfg.arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
+        job = TrainJob(model=DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, "none"),
+                       sched=cfg, loss=LossConfig(name="ce", head="none"),
+                       train=StreamSpec(split="train", **common), test=test, progress=progress,
+                       desc=f"teacher[{cfg.arch}]")
+        wrapped, history = fit(job)
+        model, top1 = wrapped.backbone, history[-1]["test_top1"]
+        source = {"kind": "trained", "config": asdict(cfg)}
+    metrics = {"arch": cfg.arch, "test_top1": top1, "epochs": len(history), "source": source["kind"]}
+    if is_main_process():
+        card = {"arch": cfg.arch, "num_classes": manifest.num_classes, "in_channels": manifest.channels,
+                "classes": list(manifest.classes), "recipe": aug.recipe, "dataset": manifest.dataset,
+                "manifest_sha256": manifest.sha256, "test_top1": top1, "source": source}
+        metrics["sha256"] = save_model(model, model_out, card)["sha256"]
+        write_metrics(metrics_path, metrics)
+        if history:
+            write_history_csv(history_path, history)
+    return metrics

@@ -1,0 +1,196 @@
+"""One training loop for teacher and student: Accelerate, streamed shards, cached or online teacher.
+
+``fit`` runs epochs of ``train_epoch`` + ``evaluate`` and checkpoints; the loss terms come back as a
+named dict from ``compute_loss`` and are logged per epoch. The teacher (online mode) is put in
+``eval()`` in exactly one place, ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import augment
+from pipeline.config import LossConfig, ScheduleConfig
+from pipeline.distributed import make_accelerator
+from pipeline.heads import DistillStudent, build_param_groups
+from pipeline.losses import compute_loss, describe_loss, warmup_factor
+from pipeline.run_state import load_checkpoint, save_checkpoint
+from pipeline.stream import ShardStream, StreamSpec
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf: training stops instead of writing a broken model."""
+
+
+def lr_at(progress: float, sched: ScheduleConfig) -> float:
+    """Learning-rate multiplier at ``progress`` in [0, 1] of the run (pure function of the step)."""
+    if sched.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if sched.lr_schedule == "multistep":
+        return sched.lr_gamma ** sum(progress >= m for m in sched.milestones)
+    return 1.0
+
+
+@dataclass
+class TrainJob:
+    model: DistillStudent
+    sched: ScheduleConfig
+    loss: LossConfig
+    train: StreamSpec
+    test: StreamSpec
+    teacher: torch.nn.Module | None = None  # online KD: run the teacher each step
+    ckpt_dir: Path | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    fingerprint: str = ""
+    progress: bool = True
+    desc: str = "train"
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin,
+                      persistent_workers=False)
+
+
+def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+               batch: dict, warm: float, recipe: str) -> tuple[dict[str, float], dict[str, float]]:
+    device = accelerator.device
+    x = augment.normalize(batch["image"].to(device, non_blocking=True), recipe)
+    y = batch["label"].to(device, non_blocking=True)
+    with accelerator.accumulate(model), accelerator.autocast():
+        z_cls, z_kd = model(x)
+        teacher = None
+        if job.loss.name != "ce":
+            if job.teacher is not None:
+                with torch.no_grad():
+                    teacher = job.teacher(x).float()
+            else:
+                teacher = batch["teacher"].to(device, non_blocking=True)
+        out = compute_loss(job.loss, z_cls=z_cls.float(), z_kd=z_kd.float(), teacher_logits=teacher,
+                           targets=y, warmup=warm)
+        total = out.total
+        if not torch.isfinite(total):
+            terms = {k: float(v) for k, v in out.terms.items()}
+            raise TrainingDiverged(f"loss became non-finite ({terms}); lower train.lr or "
+                                   "loss.head_lr_scale, or check the cached teacher logits.")
+        accelerator.backward(total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: float(v) for k, v in out.terms.items()}, out.stats
+
+
+def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+                stream: ShardStream, epoch: int) -> dict[str, float]:
+    stream.set_epoch(epoch)
+    sched, recipe = job.sched, job.train.recipe
+    n_local = stream.num_samples()
+    steps = max(1, math.ceil(n_local / sched.batch_size))
+    warm = warmup_factor(epoch, job.loss.warmup_epochs) if job.loss.name != "ce" else 1.0
+    sums: dict[str, float] = {}
+    seen, start = 0, time.perf_counter()
+    loader = build_loader(stream, sched.batch_size, sched.workers, accelerator.device.type == "cuda")
+    joined = (accelerator.join_uneven_inputs([model]) if accelerator.num_processes > 1 else nullcontext())
+    bar = tqdm(total=n_local, disable=not (job.progress and accelerator.is_main_process),
+               desc=f"{job.desc} epoch {epoch}/{sched.epochs}", unit="img", leave=False)
+    with joined, bar:
+        for step, batch in enumerate(loader):
+            scale = lr_at((epoch - 1 + step / steps) / sched.epochs, sched)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * scale
+            terms, stats = train_step(job, accelerator, model, optimizer, batch, warm, recipe)
+            b = len(batch["label"])
+            for k, v in {**terms, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v * b
+            seen += b
+            bar.update(b)
+    seconds = time.perf_counter() - start
+    row = {f"loss/{k}" if not k.startswith("stat/") else k: v / max(seen, 1) for k, v in sums.items()}
+    row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
+    counts = accelerator.reduce(torch.tensor([seen, seconds], device=accelerator.device, dtype=torch.float64),
+                                reduction="sum")
+    row.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], samples=int(counts[0]),
+               img_per_s=float(counts[0] / (counts[1] / accelerator.num_processes)))
+    return row
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device, batch_size: int,
+            workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, C]`` (z_cls for a DistillStudent) and labels ``[n]`` of this rank's shards."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in build_loader(stream, batch_size, workers, device.type == "cuda"):
+        out = model(augment.normalize(batch["image"].to(device), stream.spec.recipe))
+        logits.append((out[0] if isinstance(out, tuple) else out).float().cpu())
+        labels.append(batch["label"])
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(accelerator: Any, model: torch.nn.Module, stream: ShardStream, batch_size: int) -> dict:
+    logits, labels = predict(accelerator.unwrap_model(model), stream, device=accelerator.device,
+                             batch_size=batch_size)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    local = torch.tensor([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                          len(labels)], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum")
+    return {"test_top1": float(total[0] / total[2]), "test_top5": float(total[1] / total[2])}
+
+
+def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
+    sched = job.sched
+    accelerator = make_accelerator(cpu=not torch.cuda.is_available(),
+                                   mixed_precision=sched.mixed_precision,
+                                   gradient_accumulation_steps=sched.grad_accum)
+    groups = build_param_groups(job.model, lr=sched.lr, weight_decay=sched.weight_decay,
+                                head_lr_scale=job.loss.head_lr_scale,
+                                no_decay_norm_bias=sched.no_decay_norm_bias)
+    optimizer = torch.optim.SGD(groups, lr=sched.lr, momentum=sched.momentum)
+    start = 1
+    if job.resume:
+        assert job.ckpt_dir is not None
+        state = load_checkpoint(job.ckpt_dir, model=job.model, optimizer=optimizer,
+                                fingerprint=job.fingerprint)
+        start, job.history = state["epoch"] + 1, state["history"]
+    model, optimizer = accelerator.prepare(job.model, optimizer)
+    if job.teacher is not None:
+        job.teacher.to(accelerator.device).eval()  # the one place the teacher is put in eval mode
+        job.teacher.requires_grad_(False)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_stream = ShardStream(job.train, rank=rank, world=world)
+    test_stream = ShardStream(job.test, rank=rank, world=world)
+    log.info("%s: optimising %s", job.desc, describe_loss(job.loss, 1.0))
+    for epoch in range(start, sched.epochs + 1):
+        row = train_epoch(job, accelerator, model, optimizer, train_stream, epoch)
+        row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size)))
+        job.history.append(row)
+        log.info("%s epoch %d: loss %.4f top1 %.4f (%.0f img/s)", job.desc, epoch, row["loss/total"],
+                 row["test_top1"], row["img_per_s"])
+        if job.ckpt_dir and job.checkpoint_every and epoch % job.checkpoint_every == 0:
+            if accelerator.is_main_process:
+                save_checkpoint(job.ckpt_dir, epoch=epoch, model=accelerator.unwrap_model(model),
+                                optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                state={"fingerprint": job.fingerprint, "history": job.history})
+            accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model), job.history
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

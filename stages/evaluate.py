@@ -1,0 +1,28 @@
+"""`aekt evaluate`: top-1/top-5 and per-class accuracy of the exported student on the test split."""
+
+from pathlib import Path
+
+import click
+
+from stages.common import PARAMS_OPTION, read_sections, stage
+
+
+@click.command("evaluate")
+@PARAMS_OPTION
+@click.option("--model", "model_path", default="models/student.safetensors", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
+@click.option("--metrics", default="metrics/eval.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plots", "plots_dir", default="plots/eval", show_default=True, type=click.Path(file_okay=False))
+@stage
+def main(params_path: str, model_path: str, manifest_path: str, shards_dir: str, metrics: str,
+         plots_dir: str) -> None:
+    """Write metrics/eval.json, a per-class CSV and a confusion-matrix PNG."""
+    from pipeline.evaluate import run_evaluate
+
+    cfg, augment = read_sections(params_path, "eval", "augment")
+    report = run_evaluate(model_path=Path(model_path), manifest_path=Path(manifest_path),
+                          shards_dir=Path(shards_dir), metrics_path=Path(metrics),
+                          plots_dir=Path(plots_dir), cfg=cfg, aug=augment)
+    click.echo(f"{report['arch']}: test top-1 {report['top1']:.4f} on {report['num_samples']} samples")

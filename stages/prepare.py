@@ -1,0 +1,25 @@
+"""`aekt prepare`: turn the dataset named in params.yaml `data:` into WebDataset shards + a manifest."""
+
+from pathlib import Path
+
+import click
+
+from stages.common import PARAMS_OPTION, read_sections, stage
+
+
+@click.command("prepare")
+@PARAMS_OPTION
+@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False),
+              help="Where the {split}-{i:05d}.tar shards are written.")
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
+              help="Manifest JSON to write (committed to git), e.g. manifests/digits.json.")
+@stage
+def main(params_path: str, shards_dir: str, manifest_path: str) -> None:
+    """Write the train/test shards and the manifest (counts, sha256, classes) for `data.source`."""
+    from pipeline.data import prepare
+
+    (data,) = read_sections(params_path, "data")
+    manifest = prepare(data, shards_dir=Path(shards_dir), manifest_path=Path(manifest_path))
+    for name, split in manifest.splits.items():
+        click.echo(f"{name}: {split.num_samples} samples in {len(split.shards)} shards")
+    click.echo(f"wrote {manifest_path} (sha256 {manifest.sha256[:12]}…)")

@@ -1,0 +1,41 @@
+"""`aekt student`: stage 2, train the student from shards + cached logits with the chosen loss."""
+
+from pathlib import Path
+
+import click
+
+from stages.common import PARAMS_OPTION, read_sections, stage
+
+
+@click.command("student")
+@PARAMS_OPTION
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
+@click.option("--teacher", "teacher_path", default="models/teacher.safetensors", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "model_out", default="models/student.safetensors", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--metrics", default="metrics/student.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--history", default="plots/train.csv", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoints", default="runs/student", show_default=True, type=click.Path(file_okay=False),
+              help="Resumable checkpoints (every train.checkpoint_every epochs).")
+@click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@stage
+def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,
+         model_out: str, metrics: str, history: str, checkpoints: str, resume: bool,
+         no_progress: bool) -> None:
+    """Train `student.arch` with `loss.name` (CE + AEKT by default), reading each shard's cached
+    logits once per epoch; exports the student without its distillation head."""
+    from pipeline.student import StudentPaths, train_student
+
+    student, loss, train, cache, augment = read_sections(
+        params_path, "student", "loss", "train", "cache", "augment")
+    paths = StudentPaths(manifest=Path(manifest_path), shards_dir=Path(shards_dir),
+                         teacher=Path(teacher_path), store=Path(store_path), model_out=Path(model_out),
+                         metrics=Path(metrics), history=Path(history), ckpt_dir=Path(checkpoints))
+    result = train_student(paths, student=student, loss=loss, train=train, cache=cache, aug=augment,
+                           resume=resume, progress=not no_progress)
+    click.echo(f"student {student.arch} [{loss.name}]: final top-1 {result['final_top1']:.4f}, best "
+               f"{result['best_top1']:.4f} (epoch {result['best_epoch']}) -> {model_out}")

@@ -1,0 +1,30 @@
+"""`aekt teacher`: train the teacher (CE) or import `teacher.checkpoint`."""
+
+from pathlib import Path
+
+import click
+
+from stages.common import PARAMS_OPTION, read_sections, stage
+
+
+@click.command("teacher")
+@PARAMS_OPTION
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "model_out", default="models/teacher.safetensors", show_default=True,
+              type=click.Path(dir_okay=False), help="Weights; the card goes beside it (.json).")
+@click.option("--metrics", default="metrics/teacher.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--history", default="plots/teacher.csv", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@stage
+def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, metrics: str,
+         history: str, no_progress: bool) -> None:
+    """Train `teacher.arch` with CE on the shards (or import a checkpoint) and record its sha256."""
+    from pipeline.teacher import run_teacher
+
+    teacher, augment = read_sections(params_path, "teacher", "augment")
+    result = run_teacher(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),
+                         model_out=Path(model_out), metrics_path=Path(metrics),
+                         history_path=Path(history), cfg=teacher, aug=augment, progress=not no_progress)
+    click.echo(f"teacher {result['arch']} ({result['source']}): test top-1 {result['test_top1']:.4f} "
+               f"-> {model_out}")
