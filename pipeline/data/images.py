@@ -8,7 +8,6 @@ count: no EXIF rotation, no colour management, no resizing (augmentation owns ge
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -21,6 +20,9 @@ _CONVERTIBLE = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa"
                           "YCbCr"})
 # PIL names the formats whose bytes we keep as they are; MPO is a JPEG with extra APP segments.
 _KEEP_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
+# Formats PIL may open: those of torchvision's ImageFolder extensions. The JPEG plugin also
+# opens MPO (a JPEG with extra APP segments, as cameras write them).
+OPEN_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP")
 # Stored-deflate PNG: decodes ~1.5x faster than level 6 for 32x32 images and its bytes do not
 # depend on the zlib build, so shard hashes in a committed manifest reproduce across machines.
 PNG_COMPRESS_LEVEL = 0
@@ -34,21 +36,25 @@ def _check_channels(channels: int) -> None:
 def open_image(data: bytes, *, name: str) -> Image.Image:
     """Open and fully decode ``data``; any failure becomes an ImageDecodeError naming ``name``.
 
-    Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) stays on; its warning band
-    (limit..2x limit) is treated as an error too, since a warning would go unnoticed in workers.
+    Only the formats of ImageFolder's extensions are tried (no EPS/PDF plugins that shell out).
+    Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) stays on; Pillow itself only
+    warns between 1x and 2x the limit, which would go unnoticed in workers, so that band is an
+    error here too (checked from the header, before any pixel buffer is allocated).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        img = Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise Image.DecompressionBombError(
+                f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels.")
+        img.load()
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(
             f"{name}: refusing to decode a possible decompression bomb: {exc} Raise "
             "PIL.Image.MAX_IMAGE_PIXELS only if you trust this file.") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not a recognised image ({len(data)} bytes, starting "
-                               f"{data[:8]!r}).") from exc
+                               f"{data[:8]!r}; formats tried: {', '.join(OPEN_FORMATS)}).") from exc
     # PIL's format plugins raise many exception types on malformed input (OSError for truncated
     # data, SyntaxError, struct.error, ValueError, ...); all of them mean "corrupt image" here.
     except Exception as exc:

@@ -53,7 +53,10 @@ def scan_dir(root: Path) -> Tree:
                     rel = path.relative_to(class_dir).as_posix()
                     if not _is_image(rel):
                         continue
-                    size = path.stat().st_size
+                    try:
+                        size = path.stat().st_size
+                    except OSError as exc:  # e.g. a dangling symlink
+                        raise DataError(f"{path}: cannot read source image: {exc}") from exc
                     if size > MAX_MEMBER_BYTES:
                         raise DataError(f"{path}: {size} bytes is above the {MAX_MEMBER_BYTES}-"
                                         "byte limit for one image.")
