@@ -90,7 +90,7 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
         accelerator.backward(total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {k: float(v) for k, v in out.terms.items()}, out.stats
+    return {k: float(v.detach()) for k, v in out.terms.items()}, out.stats
 
 
 def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,

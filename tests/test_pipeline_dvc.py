@@ -1,0 +1,87 @@
+"""The whole pipeline through real `dvc repro` in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy what a clean checkout has (tracked + untracked-not-ignored files) and commit it."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for stale in ("dvc.lock", "metrics", "plots", "manifests"):  # outputs of an earlier run
+        target = dest / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def ran_stages(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    run(["dvc", "repro"], repo, timeout=900)
+    return repo
+
+
+def test_dvc_repro_runs_the_whole_pipeline(reproduced: Path) -> None:
+    for path in ("manifests/digits.json", "data/shards/train-00000.tar", "models/teacher.safetensors",
+                 "models/teacher.json", "cache/digits-digits_cnn.zarr/zarr.json",
+                 "models/student.safetensors", "metrics/student.json", "metrics/eval.json",
+                 "plots/train.csv", "plots/eval/confusion.png"):
+        assert (reproduced / path).exists(), path
+    teacher = json.loads((reproduced / "metrics/teacher.json").read_text())
+    assert teacher["test_top1"] >= 0.97
+    evaluation = json.loads((reproduced / "metrics/eval.json").read_text())
+    assert evaluation["top1"] > 0.8  # chance is 0.1
+    assert run(["dvc", "status"], reproduced).stdout.strip().startswith("Data and pipelines are up to date")
+
+
+def test_loss_param_change_reruns_only_student_and_evaluate(reproduced: Path) -> None:
+    params_path = reproduced / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["loss"]["beta"] = 6.0
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], reproduced).stdout)
+        assert set(status) == {"student"}  # evaluate changes only once the student's outputs do
+        log = run(["dvc", "repro"], reproduced, timeout=600).stdout
+        assert ran_stages(log) == {"student", "evaluate"}
+    finally:
+        params_path.write_text(original)
+
+
+def test_augment_change_reruns_cache_but_not_teacher(reproduced: Path) -> None:
+    params_path = reproduced / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["augment"]["views"] = 4
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], reproduced).stdout)
+        assert set(status) == {"cache", "student"}  # both read the augment section
+        assert ran_stages(run(["dvc", "repro", "--dry"], reproduced).stdout) == {"cache", "student"}
+    finally:
+        params_path.write_text(original)
