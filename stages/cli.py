@@ -2,7 +2,7 @@
 
 import click
 
-from stages import cache, evaluate, prepare, student, teacher, verify
+from stages import cache, evaluate, inspect, prepare, student, teacher, verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -11,7 +11,8 @@ def main() -> None:
     prepare -> teacher -> cache -> student -> evaluate (`dvc repro` runs them all)."""
 
 
-for command in (prepare.main, teacher.main, cache.main, student.main, evaluate.main, verify.main):
+for command in (prepare.main, teacher.main, cache.main, student.main, evaluate.main, verify.main,
+                inspect.main):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -39,3 +39,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not present")
     return SHARED_DATA
+
+
+TINY_PARAMS = """
+data: {source: digits, name: tiny, shard_size: 32, max_per_class: 20}
+augment: {recipe: digits, seed: 0, views: 2}
+teacher: {arch: digits_cnn, epochs: 3, batch_size: 32, lr: 0.05, lr_schedule: cosine}
+cache: {codec: fp32, batch_size: 64}
+student: {arch: digits_mlp}
+loss: {name: aekt, warmup_epochs: 1}
+train: {recipe: digits, epochs: 2, batch_size: 32, lr: 0.05}
+eval: {batch_size: 128}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real digits pipeline, small: 200 train samples in 7 shards, a 3-epoch teacher, a 2-view
+    fp32 store. Built once per session through the stage commands; tests copy what they modify."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "params.yaml").write_text(TINY_PARAMS)
+    aekt = [sys.executable, "-m", "stages.cli"]
+    run([*aekt, "prepare", "--shards-dir", "shards", "--manifest", "manifest.json"], root)
+    run([*aekt, "teacher", "--manifest", "manifest.json", "--shards-dir", "shards", "--out",
+         "teacher.safetensors", "--metrics", "teacher-metrics.json", "--history", "teacher.csv",
+         "--no-progress"], root)
+    run([*aekt, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
+         "teacher.safetensors", "--store", "store.zarr", "--no-progress"], root)
+    return root

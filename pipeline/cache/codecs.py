@@ -85,7 +85,8 @@ def make_codec(name: str, *, topk: int = 20) -> Codec:
 
 
 def encode_fp16(logits: np.ndarray) -> np.ndarray:
-    out = logits.astype(np.float16)
+    with np.errstate(over="ignore"):  # overflow is reported below, as an error
+        out = logits.astype(np.float16)
     if not np.isfinite(out).all():
         raise OverflowError("logits exceed the float16 range (|z| > 65504); use the int8 codec")
     return out

@@ -1,0 +1,103 @@
+"""Stage 1: the Zarr store matches a fresh teacher on replayed views, resumes, and splits work."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.artifacts import read_card
+from pipeline.cache.build import expected_provenance
+from pipeline.cache.store import CacheError, LogitStore
+from pipeline.cache.verify import verify_cache
+from pipeline.cache.writer import open_or_create
+from pipeline.config import load_params, section
+from pipeline.data import Manifest
+from tests.conftest import run
+
+AEKT = [sys.executable, "-m", "stages.cli"]
+
+
+def cfgs(root: Path):
+    params = load_params(root / "params.yaml")
+    return section(params, "cache"), section(params, "augment")
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    store = LogitStore.open(path)
+    return {name: store.group[name][:] for name in store.group.array_keys()}
+
+
+def test_decoded_logits_equal_a_fresh_teacher_on_the_replayed_view(tiny_pipeline: Path) -> None:
+    cache, aug = cfgs(tiny_pipeline)
+    report = verify_cache(store_path=tiny_pipeline / "store.zarr", manifest_path=tiny_pipeline / "manifest.json",
+                          shards_dir=tiny_pipeline / "shards", teacher_path=tiny_pipeline / "teacher.safetensors",
+                          cfg=cache, aug=aug, samples=200)
+    assert report["ok"] and report["params_replayable"]
+    assert report["rows_done"] == report["rows_total"] == 2 * 7
+    assert report["max_abs_logit_error"] < 1e-4  # fp32 codec; only batch-composition rounding differs
+    assert report["kl_tau1_max"] < 1e-9
+
+
+def test_store_layout_one_chunk_row_per_view_and_shard(tiny_pipeline: Path) -> None:
+    store = LogitStore.open(tiny_pipeline / "store.zarr")
+    prov = store.provenance
+    assert (prov.views, prov.num_samples, prov.shard_size, prov.num_classes) == (2, 200, 32, 10)
+    chunk_files = sorted((tiny_pipeline / "store.zarr" / "logits" / "c").rglob("*"))
+    assert len([f for f in chunk_files if f.is_file()]) == prov.views * prov.num_shards
+    manifest = Manifest.load(tiny_pipeline / "manifest.json")
+    assert prov.manifest_sha256 == manifest.sha256
+    assert prov.teacher_sha256 == read_card(tiny_pipeline / "teacher.safetensors")["sha256"]
+
+
+def test_cli_verify_reports_and_exits_zero(tiny_pipeline: Path) -> None:
+    out = run([*AEKT, "verify-cache", "--store", "store.zarr", "--manifest", "manifest.json", "--shards-dir",
+               "shards", "--teacher", "teacher.safetensors", "--samples", "32"], tiny_pipeline).stdout
+    assert "params replayable: True" in out and "B/sample-view on disk" in out
+
+
+def test_a_store_from_other_inputs_is_refused_or_rebuilt(tiny_pipeline: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(tiny_pipeline / "store.zarr", store_path)
+    cache, aug = cfgs(tiny_pipeline)
+    manifest = Manifest.load(tiny_pipeline / "manifest.json")
+    prov = expected_provenance(manifest, read_card(tiny_pipeline / "teacher.safetensors"), cache, aug)
+    other = replace(prov, teacher_sha256="0" * 64)
+    with pytest.raises(CacheError, match=r"teacher_sha256.*aekt cache --rebuild"):
+        open_or_create(store_path, other, cache, rebuild=False)
+    rebuilt = open_or_create(store_path, other, cache, rebuild=True)
+    assert not rebuilt.done_mask().any() and rebuilt.provenance.teacher_sha256 == "0" * 64
+
+
+def test_rerun_redoes_only_unfinished_rows_and_gives_the_same_store(tiny_pipeline: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline, work)
+    expected = store_arrays(work / "store.zarr")
+    store = LogitStore.open(work / "store.zarr", mode="r+")
+    store.group["done"][1, 3] = 0
+    store.group["logits"][1, 96:128] = np.nan  # a half-written chunk row without its marker
+    out = run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
+               "teacher.safetensors", "--store", "store.zarr", "--no-progress"], work).stdout
+    assert "1 of 14 (view, shard) items written" in out
+    got = store_arrays(work / "store.zarr")
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+def test_two_processes_write_the_same_store_as_one(tiny_pipeline: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in ("params.yaml", "manifest.json", "teacher.safetensors", "teacher.json"):
+        shutil.copy2(tiny_pipeline / name, work / name)
+    shutil.copytree(tiny_pipeline / "shards", work / "shards")
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", "29531", "-m", "stages.cli", "cache",
+                "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher", "teacher.safetensors",
+                "--store", "store.zarr", "--no-progress"], work)
+    assert "14 mine" not in proc.stderr and "7 mine" in proc.stderr  # the items were split
+    expected, got = store_arrays(tiny_pipeline / "store.zarr"), store_arrays(work / "store.zarr")
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
