@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -103,7 +105,12 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     sums: dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     loader = build_loader(stream, sched.batch_size, sched.workers, accelerator.device.type == "cuda")
-    joined = (accelerator.join_uneven_inputs([model]) if accelerator.num_processes > 1 else nullcontext())
+    # Ranks may hold different sample counts (whole shards per rank): DDP's Join lets a rank that
+    # ran out shadow the others' gradient all-reduces instead of hanging (Accelerate's
+    # join_uneven_inputs is a no-op on CPU/gloo, so use torch's directly). The steps after a rank
+    # joined average gradients over the full world size: those few updates are damped, nothing is
+    # skipped or seen twice.
+    joined = Join([model]) if isinstance(model, DistributedDataParallel) else nullcontext()
     bar = tqdm(total=n_local, disable=not (job.progress and accelerator.is_main_process),
                desc=f"{job.desc} epoch {epoch}/{sched.epochs}", unit="img", leave=False)
     with joined, bar:

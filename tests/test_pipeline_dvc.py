@@ -85,3 +85,21 @@ def test_augment_change_reruns_cache_but_not_teacher(reproduced: Path) -> None:
         assert ran_stages(run(["dvc", "repro", "--dry"], reproduced).stdout) == {"cache", "student"}
     finally:
         params_path.write_text(original)
+
+
+def test_distillation_from_the_cache_beats_ce_only(reproduced: Path, tmp_path: Path) -> None:
+    """The digits default: KD and AEKT (the dvc repro run) both beat the same student with CE only."""
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    top1 = {"aekt": json.loads((reproduced / "metrics/student.json").read_text())["final_top1"]}
+    for loss in ("ce", "kd"):
+        variant = {**params, "loss": {**params["loss"], "name": loss}}
+        params_file = tmp_path / f"params-{loss}.yaml"
+        params_file.write_text(yaml.safe_dump(variant))
+        metrics = tmp_path / f"{loss}.json"
+        run(["aekt", "student", "--params", str(params_file), "--manifest", "manifests/digits.json",
+             "--store", "cache/digits-digits_cnn.zarr", "--out", str(tmp_path / f"{loss}.safetensors"),
+             "--metrics", str(metrics), "--history", str(tmp_path / f"{loss}.csv"),
+             "--checkpoints", str(tmp_path / f"ckpt-{loss}"), "--no-progress"], reproduced)
+        top1[loss] = json.loads(metrics.read_text())["final_top1"]
+    assert top1["kd"] > top1["ce"] + 0.02, top1
+    assert top1["aekt"] > top1["ce"] + 0.02, top1
