@@ -37,7 +37,8 @@ def expected_provenance(manifest: Manifest, teacher_card: dict[str, Any], cfg: C
     codec_params = {"k": cfg.topk} if cfg.codec == "topk" else {}
     return Provenance(
         dataset=manifest.dataset, manifest_sha256=manifest.sha256, teacher_arch=teacher_card["arch"],
-        teacher_sha256=teacher_card["sha256"], teacher_precision=cfg.mixed_precision, recipe=aug.recipe, augment_seed=aug.seed,
+        teacher_sha256=teacher_card["sha256"], teacher_precision=cfg.mixed_precision, recipe=aug.recipe,
+        augment_seed=aug.seed,
         image_size=aug.size, views=aug.views, codec=cfg.codec, codec_params=codec_params,
         num_classes=manifest.num_classes, num_samples=split.num_samples,
         shard_size=manifest.shard_size, num_params=augment.recipe_info(aug.recipe).num_params)
