@@ -29,7 +29,7 @@ def test_param_ranges_cover_the_recipe() -> None:
     rrc = augment.sample_params("imagenet", seed=0, view=0, indices=idx)
     assert rrc[:, 0].min() >= 0.08 and rrc[:, 0].max() <= 1.0
     u = augment.uniform(0, 0, idx, 1)[:, 0]
-    assert abs(u.mean() - 0.5) < 0.02 and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.02 and u.min() >= 0 and u.max() < 1
 
 
 def test_cifar_crop_and_flip_match_a_direct_reference() -> None:
@@ -63,7 +63,7 @@ def test_imagenet_crop_is_deterministic_and_sized() -> None:
     params = augment.sample_params("imagenet", seed=0, view=1, indices=np.arange(3))
     for p in params:
         top, left, h, w = augment.crop_box(p, 375, 500)
-        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        assert top >= 0 and top + h <= 375 and left >= 0 and left + w <= 500
         a = augment.apply("imagenet", img, p, size=64)
         assert a.shape == (3, 64, 64) and torch.equal(a, augment.apply("imagenet", img, p, size=64))
     small = torch.randint(0, 256, (1, 40, 30), dtype=torch.uint8)  # smaller than the output size
