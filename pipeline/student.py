@@ -84,7 +84,7 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
                   image_size=aug.size, aug_seed=aug.seed, views=views, seed=train.seed)
     job = TrainJob(
         model=build_student(student.arch, manifest, loss, train.seed), sched=train, loss=loss,
-        train=StreamSpec(split="train", view_policy=train.view_policy,
+        train=StreamSpec(split="train", view_policy=train.view_policy, batch_augment=True,
                          store_path=None if store is None else paths.store, **common),
         test=StreamSpec(split="test", train=False, **common), teacher=teacher,
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
@@ -98,7 +98,7 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
                "best_top1": best["test_top1"], "best_epoch": best["epoch"], "epochs": len(history),
                "loss": loss.name, "teacher_mode": "online" if teacher is not None else
                ("none" if loss.name == "ce" else "cached"),
-               "final_terms": {k: v for k, v in final.items() if k.startswith(("loss/", "stat/"))},
+               "final_terms": {k: v for k, v in final.items() if k.startswith(("loss/", "stat/", "grad/"))},
                "img_per_s_mean": sum(r["img_per_s"] for r in history) / len(history)}
     if is_main_process():
         card = {"arch": student.arch, "num_classes": manifest.num_classes,

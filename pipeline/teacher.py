@@ -57,7 +57,7 @@ def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metri
         backbone = build_model(cfg.arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
         job = TrainJob(model=DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, "none"),
                        sched=cfg, loss=LossConfig(name="ce", head="none"),
-                       train=StreamSpec(split="train", **common), test=test, progress=progress,
+                       train=StreamSpec(split="train", batch_augment=True, **common), test=test, progress=progress,
                        desc=f"teacher[{cfg.arch}]")
         wrapped, history = fit(job)
         model, top1 = wrapped.backbone, history[-1]["test_top1"]

@@ -68,10 +68,28 @@ def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) 
                       persistent_workers=False)
 
 
+def term_grad_norms(terms: dict[str, torch.Tensor], logits: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Norm of each loss term's gradient w.r.t. the student's logits (AEKT.md: log how strongly each
+    term pulls). Taken at the logits, not the weights, so it costs a backward through the loss only."""
+    inputs = list({id(t): t for t in logits if t.requires_grad}.values())
+    names, norms = [], []
+    for name, term in terms.items():
+        if not term.requires_grad:
+            continue
+        grads = [g for g in torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True) if g is not None]
+        names.append(f"grad/{name}")
+        norms.append(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt() if grads else inputs[0].new_zeros(()))
+    # One device sync for all norms, not one per term.
+    return dict(zip(names, torch.stack(norms).tolist(), strict=True)) if norms else {}
+
+
 def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
                batch: dict, warm: float, recipe: str) -> tuple[dict[str, float], dict[str, float]]:
     device = accelerator.device
-    x = augment.normalize(batch["image"].to(device, non_blocking=True), recipe)
+    images = batch["image"].to(device, non_blocking=True)
+    if batch["params"].numel():  # augmentation deferred to the batch (stream batch_augment)
+        images = augment.apply_batch(recipe, images, batch["params"].to(device, non_blocking=True))
+    x = augment.normalize(images, recipe)
     y = batch["label"].to(device, non_blocking=True)
     with accelerator.accumulate(model), accelerator.autocast():
         z_cls, z_kd = model(x)
@@ -82,9 +100,10 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
                     teacher = job.teacher(x).float()
             else:
                 teacher = batch["teacher"].to(device, non_blocking=True)
-        out = compute_loss(job.loss, z_cls=z_cls.float(), z_kd=z_kd.float(), teacher_logits=teacher,
-                           targets=y, warmup=warm)
+        z_cls, z_kd = z_cls.float(), z_kd.float()
+        out = compute_loss(job.loss, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=warm)
         total = out.total
+        out.stats.update(term_grad_norms(out.terms, (z_cls, z_kd)))
         if not torch.isfinite(total):
             terms = {k: float(v) for k, v in out.terms.items()}
             raise TrainingDiverged(f"loss became non-finite ({terms}); lower train.lr or "
@@ -125,7 +144,7 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
             seen += b
             bar.update(b)
     seconds = time.perf_counter() - start
-    row = {f"loss/{k}" if not k.startswith("stat/") else k: v / max(seen, 1) for k, v in sums.items()}
+    row = {k if k.startswith(("stat/", "grad/")) else f"loss/{k}": v / max(seen, 1) for k, v in sums.items()}
     row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
     counts = accelerator.reduce(torch.tensor([seen, seconds], device=accelerator.device, dtype=torch.float64),
                                 reduction="sum")

@@ -77,3 +77,13 @@ def test_eval_split_is_in_manifest_order_without_augmentation(tiny_pipeline: Pat
     items = list(ShardStream(spec(tiny_pipeline, split="test", train=False, store_path=None)))
     assert [it["index"] for it in items] == list(range(len(items)))
     assert all(it["teacher"].numel() == 0 for it in items)
+
+
+def test_batch_augmentation_gives_the_same_pixels_as_per_sample(tiny_pipeline: Path) -> None:
+    per_sample = {it["index"]: it["image"] for it in ShardStream(spec(tiny_pipeline), epoch=1)}
+    loader = DataLoader(ShardStream(spec(tiny_pipeline, batch_augment=True), epoch=1), batch_size=50)
+    for batch in loader:
+        assert batch["params"].shape == (len(batch["index"]), 2)
+        images = augment.apply_batch("digits", batch["image"], batch["params"])
+        for i, idx in enumerate(batch["index"].tolist()):
+            assert torch.equal(images[i], per_sample[idx])

@@ -96,3 +96,14 @@ def test_resume_reaches_the_same_weights(tiny_pipeline: Path, tmp_path: Path) ->
     for key in uninterrupted:
         assert torch.equal(uninterrupted[key], resumed[key]), key
     assert [r["epoch"] for r in history(work / "train.csv")] == ["1", "2", "3"]
+
+
+def test_term_grad_norms_match_the_closed_form_for_ce() -> None:
+    from pipeline.train import term_grad_norms
+
+    z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (8,))
+    ce = torch.nn.functional.cross_entropy(z, y)
+    expected = ((torch.softmax(z, 1) - torch.nn.functional.one_hot(y, 5)) / 8).norm()
+    norms = term_grad_norms({"ce": ce, "const": torch.tensor(1.0)}, (z, z))
+    assert norms == {"grad/ce": pytest.approx(float(expected))}
