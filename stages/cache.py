@@ -5,22 +5,29 @@ from pathlib import Path
 
 import click
 
-from stages.common import PARAMS_OPTION, read_sections, stage
+from stages.common import (
+    MANIFEST_OPTION,
+    NO_PROGRESS_OPTION,
+    PARAMS_OPTION,
+    SHARDS_OPTION,
+    STORE_OPTION,
+    TEACHER_OPTION,
+    read_sections,
+    stage,
+)
 
 
 @click.command("cache")
 @PARAMS_OPTION
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
-@click.option("--teacher", "teacher_path", default="models/teacher.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
-              help="Zarr store to write or resume, e.g. cache/digits-digits_cnn.zarr.")
+@MANIFEST_OPTION
+@SHARDS_OPTION
+@TEACHER_OPTION
+@STORE_OPTION
 @click.option("--rebuild", is_flag=True,
               help="Rebuild the store if it was built from other inputs (default: refuse).")
 @click.option("--summary", default=None, type=click.Path(dir_okay=False),
               help="Write a JSON summary (items, seconds, bytes) here.")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,
          rebuild: bool, summary: str | None, no_progress: bool) -> None:

@@ -14,6 +14,17 @@ from pipeline.config import ConfigError, load_params, section
 
 PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="params.yaml to read sections from.")
+# Options several stages share, spelled once so their defaults and help cannot drift apart.
+MANIFEST_OPTION = click.option("--manifest", "manifest_path", required=True,
+                               type=click.Path(exists=True, dir_okay=False),
+                               help="Dataset manifest written by `aekt prepare`, e.g. manifests/digits.json.")
+SHARDS_OPTION = click.option("--shards-dir", default="data/shards", show_default=True,
+                             type=click.Path(file_okay=False), help="Folder of the WebDataset shards.")
+TEACHER_OPTION = click.option("--teacher", "teacher_path", default="models/teacher.safetensors", show_default=True,
+                              type=click.Path(dir_okay=False), help="Teacher weights (its card is beside them).")
+STORE_OPTION = click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
+                            help="Zarr logit store, e.g. cache/digits-digits_cnn.zarr.")
+NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import click
 
-from stages.common import PARAMS_OPTION, read_sections, stage
+from stages.common import MANIFEST_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_sections, stage
 
 
 @click.command("evaluate")
 @PARAMS_OPTION
 @click.option("--model", "model_path", default="models/student.safetensors", show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
+@MANIFEST_OPTION
+@SHARDS_OPTION
 @click.option("--metrics", default="metrics/eval.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plots", "plots_dir", default="plots/eval", show_default=True, type=click.Path(file_okay=False))
 @stage

@@ -4,16 +4,24 @@ from pathlib import Path
 
 import click
 
-from stages.common import PARAMS_OPTION, read_sections, stage
+from stages.common import (
+    MANIFEST_OPTION,
+    NO_PROGRESS_OPTION,
+    PARAMS_OPTION,
+    SHARDS_OPTION,
+    STORE_OPTION,
+    TEACHER_OPTION,
+    read_sections,
+    stage,
+)
 
 
 @click.command("student")
 @PARAMS_OPTION
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
-@click.option("--teacher", "teacher_path", default="models/teacher.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False))
+@MANIFEST_OPTION
+@SHARDS_OPTION
+@TEACHER_OPTION
+@STORE_OPTION
 @click.option("--out", "model_out", default="models/student.safetensors", show_default=True,
               type=click.Path(dir_okay=False))
 @click.option("--metrics", default="metrics/student.json", show_default=True, type=click.Path(dir_okay=False))
@@ -21,7 +29,7 @@ from stages.common import PARAMS_OPTION, read_sections, stage
 @click.option("--checkpoints", default="runs/student", show_default=True, type=click.Path(file_okay=False),
               help="Resumable checkpoints (every train.checkpoint_every epochs).")
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint.")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,
          model_out: str, metrics: str, history: str, checkpoints: str, resume: bool,

@@ -4,18 +4,18 @@ from pathlib import Path
 
 import click
 
-from stages.common import PARAMS_OPTION, read_sections, stage
+from stages.common import MANIFEST_OPTION, NO_PROGRESS_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_sections, stage
 
 
 @click.command("teacher")
 @PARAMS_OPTION
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
+@MANIFEST_OPTION
+@SHARDS_OPTION
 @click.option("--out", "model_out", default="models/teacher.safetensors", show_default=True,
               type=click.Path(dir_okay=False), help="Weights; the card goes beside it (.json).")
 @click.option("--metrics", default="metrics/teacher.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--history", default="plots/teacher.csv", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, metrics: str,
          history: str, no_progress: bool) -> None:

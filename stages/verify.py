@@ -5,16 +5,23 @@ from pathlib import Path
 
 import click
 
-from stages.common import PARAMS_OPTION, read_sections, stage
+from stages.common import (
+    MANIFEST_OPTION,
+    PARAMS_OPTION,
+    SHARDS_OPTION,
+    STORE_OPTION,
+    TEACHER_OPTION,
+    read_sections,
+    stage,
+)
 
 
 @click.command("verify-cache")
 @PARAMS_OPTION
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False))
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
-@click.option("--teacher", "teacher_path", default="models/teacher.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
+@STORE_OPTION
+@MANIFEST_OPTION
+@SHARDS_OPTION
+@TEACHER_OPTION
 @click.option("--samples", default=64, show_default=True, help="(view, sample) pairs to recompute.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--tolerance", type=float, default=None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,33 +60,33 @@ def test_dvc_repro_runs_the_whole_pipeline(reproduced: Path) -> None:
     assert run(["dvc", "status"], reproduced).stdout.strip().startswith("Data and pipelines are up to date")
 
 
-def test_loss_param_change_reruns_only_student_and_evaluate(reproduced: Path) -> None:
-    params_path = reproduced / "params.yaml"
-    original = params_path.read_text()
+@contextmanager
+def edited_param(repo: Path, section: str, key: str, value: object) -> Iterator[None]:
+    """params.yaml with one value changed, restored afterwards."""
+    path = repo / "params.yaml"
+    original = path.read_text()
     params = yaml.safe_load(original)
-    params["loss"]["beta"] = 6.0
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+def test_loss_param_change_reruns_only_student_and_evaluate(reproduced: Path) -> None:
+    with edited_param(reproduced, "loss", "beta", 6.0):
         status = json.loads(run(["dvc", "status", "--json"], reproduced).stdout)
         assert set(status) == {"student"}  # evaluate changes only once the student's outputs do
         log = run(["dvc", "repro"], reproduced, timeout=600).stdout
         assert ran_stages(log) == {"student", "evaluate"}
-    finally:
-        params_path.write_text(original)
 
 
 def test_augment_change_reruns_cache_but_not_teacher(reproduced: Path) -> None:
-    params_path = reproduced / "params.yaml"
-    original = params_path.read_text()
-    params = yaml.safe_load(original)
-    params["augment"]["views"] = 4
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
+    with edited_param(reproduced, "augment", "views", 4):
         status = json.loads(run(["dvc", "status", "--json"], reproduced).stdout)
         assert set(status) == {"cache", "student"}  # both read the augment section
         assert ran_stages(run(["dvc", "repro", "--dry"], reproduced).stdout) == {"cache", "student"}
-    finally:
-        params_path.write_text(original)
 
 
 def test_distillation_from_the_cache_beats_ce_only(reproduced: Path, tmp_path: Path) -> None:

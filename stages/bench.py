@@ -1,0 +1,33 @@
+"""`aekt bench NAME [OPTIONS]`: run one benchmark (or all) from bench/; options after NAME go to it."""
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+# bench/ sits beside stages/ in the repository but is not part of the installed package (pyproject
+# lists pipeline* and stages*), so an `aekt` started outside the repository root would not find it.
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from bench import BENCHMARKS  # noqa: E402  (needs the path above)
+
+
+@click.command("bench", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name", type=click.Choice([*BENCHMARKS, "all"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def main(name: str, args: tuple[str, ...]) -> None:
+    """Measure speed ratios side by side; print a table and write bench/results/NAME-DEVICE.json.
+
+    NAME is student_step, stage1, cache_read, scaling, or all (bench/run_all.py). Everything after
+    NAME is passed to the benchmark: `aekt bench student_step --device cuda --batch 256`,
+    `aekt bench all --device cuda`, `aekt bench stage1 --help`. See docs/benchmarks.md."""
+    # Library INFO lines (one per prepared dataset) would bury the tables.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    module = importlib.import_module(f"bench.{'run_all' if name == 'all' else name}")
+    code = module.main(list(args))
+    if code:
+        raise SystemExit(code)
