@@ -68,6 +68,11 @@ def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) 
                       persistent_workers=False)
 
 
+def to_device_layout(x: torch.Tensor) -> torch.Tensor:
+    """channels_last on CUDA: convolutions run on tensor cores without layout transposes."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.ndim == 4 else x
+
+
 def term_grad_norms(terms: dict[str, torch.Tensor], logits: tuple[torch.Tensor, ...]) -> dict[str, float]:
     """Norm of each loss term's gradient w.r.t. the student's logits (AEKT.md: log how strongly each
     term pulls). Taken at the logits, not the weights, so it costs a backward through the loss only."""
@@ -89,7 +94,7 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
     images = batch["image"].to(device, non_blocking=True)
     if batch["params"].numel():  # augmentation deferred to the batch (stream batch_augment)
         images = augment.apply_batch(recipe, images, batch["params"].to(device, non_blocking=True))
-    x = augment.normalize(images, recipe)
+    x = to_device_layout(augment.normalize(images, recipe))
     y = batch["label"].to(device, non_blocking=True)
     with accelerator.accumulate(model), accelerator.autocast():
         z_cls, z_kd = model(x)
@@ -193,6 +198,10 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
         state = load_checkpoint(job.ckpt_dir, model=job.model, optimizer=optimizer,
                                 fingerprint=job.fingerprint)
         start, job.history = state["epoch"] + 1, state["history"]
+    if accelerator.device.type == "cuda":
+        job.model.to(memory_format=torch.channels_last)
+        if job.teacher is not None:
+            job.teacher.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(job.model, optimizer)
     if job.teacher is not None:
         job.teacher.to(accelerator.device).eval()  # the one place the teacher is put in eval mode

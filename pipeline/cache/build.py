@@ -69,6 +69,8 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
         log.info("rank %d: %d of %d (view, shard) items pending, %d mine", accelerator.process_index,
                  len(items), total, len(mine))
         teacher.to(accelerator.device).eval()
+        if accelerator.device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)
         written = write_items(store, source, teacher, mine, cfg, aug, device=accelerator.device,
                               progress=progress and main)
         accelerator.wait_for_everyone()
