@@ -1,0 +1,311 @@
+"""Issue 11: does AEKT beat KD and DKD here? Every method × seeds from ONE teacher-logit cache.
+
+    python -m bench.experiments                      # digits, 5 seeds, 40 epochs -> docs/results.md
+    python -m bench.experiments --quick --workdir W  # 1 seed, 2 epochs, 4 methods: a smoke run
+
+Stage 1 (prepare, teacher, cache) runs once, in-process through the same library functions the
+`aekt` stages call, in ``--workdir``; every student cell then calls ``train_student`` on that one
+store. Cells run seed-major (all methods for seed 0, then seed 1, ...) so a cut-short run still has
+paired seeds. Nothing is tuned: every value is params.yaml's default or a published recipe. The
+report (tables, statistics, plot) is written by ``bench.experiments_report`` from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from bench import experiments_report as report
+from pipeline import augment
+from pipeline.cache.build import build_cache
+from pipeline.config import LossConfig, build_train_config, load_params, section
+from pipeline.data import Manifest, prepare
+from pipeline.losses import compute_loss
+from pipeline.stream import ShardStream, StreamSpec
+from pipeline.student import StudentPaths, build_student, train_student
+from pipeline.teacher import run_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench.experiments")
+
+# label -> (group, loss overrides on top of params.yaml `loss:`). Baselines build no head
+# (pipeline.student.build_student); "aekt*" cells are the default and one switch flipped at a time.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ce": ("baseline", {"name": "ce"}),
+    "kd": ("baseline", {"name": "kd", "ce_weight": 0.1, "kd_weight": 0.9}),  # the published recipe
+    "kd_ce1_kd1": ("baseline", {"name": "kd", "ce_weight": 1.0, "kd_weight": 1.0}),
+    "dkd": ("baseline", {"name": "dkd"}),  # alpha 1, beta 8, tau 4 (params.yaml)
+    "nkd": ("baseline", {"name": "nkd"}),  # gamma 1, tau 4 (params.yaml, not tuned)
+    "dist": ("baseline", {"name": "dist", "beta": 2.0, "gamma": 2.0}),  # DIST's CIFAR setting
+    "aekt": ("aekt", {"name": "aekt"}),  # adaptive ratio, explicit binary_kl, head serial
+    "aekt_adaptive_none": ("ablation", {"name": "aekt", "adaptive": "none"}),  # = DKD + serial head
+    "aekt_explicit_nkd": ("ablation", {"name": "aekt", "explicit": "nkd"}),
+    "aekt_head_parallel": ("ablation", {"name": "aekt", "head": "parallel"}),
+    "aekt_head_none": ("ablation", {"name": "aekt", "head": "none"}),
+    "aekt_adaptive_none_head_none": ("ablation", {"name": "aekt", "adaptive": "none", "head": "none"}),
+}
+# Control, decided before any result: DKD with alpha = AEKT's mean w (train-set statistic of the
+# head=none AEKT cells). If it matches AEKT, w acts as a global rescale of TCKD, not per sample.
+CONTROL, CONTROL_SOURCE = "dkd_alpha_mean_w", "aekt_head_none"
+PROBED = ("dkd", "aekt", "aekt_head_none", "aekt_adaptive_none")  # per-term gradient norms
+QUICK_METHODS = ("ce", "dkd", "aekt", "aekt_adaptive_none_head_none")
+# A tiny digits pipeline for --quick: ~100 train samples, 2 views, a 2-epoch teacher.
+QUICK_PARAMS = {"data": {"max_per_class": 10, "shard_size": 32}, "augment": {"views": 2},
+                "teacher": {"epochs": 2}, "train": {"epochs": 2}, "loss": {"warmup_epochs": 1}}
+
+
+def merged_params(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    params = load_params(REPO / "params.yaml")
+    for name, values in overrides.items():
+        params.setdefault(name, {}).update(values)
+    return params
+
+
+def build_stage1(work: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """prepare + teacher + cache, once, in ``work`` (the paths dvc.yaml uses)."""
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data, teacher, cache, aug = (section(params, n) for n in ("data", "teacher", "cache", "augment"))
+    manifest, shards = work / f"manifests/{data.name}.json", work / "data/shards"
+    store, model = work / f"cache/{data.name}-{teacher.arch}.zarr", work / "models/teacher.safetensors"
+    start = time.perf_counter()
+    prepare(data, shards_dir=shards, manifest_path=manifest, progress=False)
+    tmetrics = run_teacher(manifest_path=manifest, shards_dir=shards, model_out=model,
+                           metrics_path=work / "metrics/teacher.json", history_path=work / "plots/teacher.csv",
+                           cfg=teacher, aug=aug, progress=False)
+    summary = build_cache(manifest_path=manifest, shards_dir=shards, teacher_path=model, store_path=store,
+                          cfg=cache, aug=aug, rebuild=True, progress=False)
+    counts = {k: v.num_samples for k, v in Manifest.load(manifest).splits.items()}
+    return {"manifest": str(manifest), "shards_dir": str(shards), "store": str(store), "teacher": str(model),
+            "teacher_top1": tmetrics["test_top1"], "teacher_arch": teacher.arch, "samples": counts,
+            "cache_items": summary["items_total"], "seconds": time.perf_counter() - start}
+
+
+def cell_configs(params: dict[str, Any], overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+    loss = LossConfig.from_params({**params.get("loss", {}), **overrides})
+    train = build_train_config({**params.get("train", {}), "seed": seed})
+    return {"student": section(params, "student"), "loss": loss, "train": train,
+            "cache": section(params, "cache"), "aug": section(params, "augment")}
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: str,
+             overrides: dict[str, Any], seed: int, keep_checkpoint: bool) -> dict[str, Any]:
+    cfg = cell_configs(params, overrides, seed)
+    if keep_checkpoint:  # the final full state (head included) for the gradient probe
+        cfg["train"] = replace(cfg["train"], checkpoint_every=cfg["train"].epochs)
+    out = work / "runs" / label / f"seed{seed}"
+    paths = StudentPaths(manifest=Path(stage1["manifest"]), shards_dir=Path(stage1["shards_dir"]),
+                         teacher=Path(stage1["teacher"]), store=Path(stage1["store"]),
+                         model_out=out / "student.safetensors", metrics=out / "student.json",
+                         history=out / "train.csv", ckpt_dir=out / "ckpt")
+    wall, cpu = time.perf_counter(), time.process_time()
+    metrics = train_student(paths, progress=False, **cfg)
+    history = read_history(paths.history)
+    return {"method": label, "seed": seed, "final_top1": metrics["final_top1"],
+            "best_top1": metrics["best_top1"], "best_epoch": metrics["best_epoch"],
+            "epochs": metrics["epochs"], "final_terms": metrics["final_terms"],
+            "curve": [r["test_top1"] for r in history],
+            "w_mean": [r["stat_w_mean"] for r in history if "stat_w_mean" in r],
+            "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+            "checkpoint": str(out / "ckpt") if keep_checkpoint else None}
+
+
+def probe_batch(stage1: dict[str, Any], params: dict[str, Any], size: int) -> dict[str, torch.Tensor]:
+    """A fixed batch of training images with their cached teacher logits (view 1, seed 0 order)."""
+    aug = section(params, "augment")
+    spec = StreamSpec(manifest_path=Path(stage1["manifest"]), shards_dir=Path(stage1["shards_dir"]),
+                      split="train", recipe=aug.recipe, image_size=aug.size, aug_seed=aug.seed,
+                      views=aug.views, store_path=Path(stage1["store"]))
+    batch = next(iter(DataLoader(ShardStream(spec, epoch=1), batch_size=size)))
+    return {"x": augment.normalize(batch["image"], aug.recipe), "y": batch["label"], "t": batch["teacher"]}
+
+
+def _norm(grads: Sequence[torch.Tensor | None]) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+
+
+def term_gradients(model: torch.nn.Module, loss: LossConfig, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-term value and gradient norms (body parameters, and the logits the term acts on, ×N so
+    it reads per sample), λ(e)=1. For AEKT also the explicit term at w=1: what DKD would apply."""
+    z_cls, z_kd = model(batch["x"])
+    body, head = model.body_parameters(), model.head_parameters()
+    configs = {"": loss}
+    if loss.name == "aekt" and loss.adaptive == "ratio":
+        configs["@w=1"] = replace(loss, adaptive="none")
+    rows: dict[str, Any] = {}
+    for suffix, cfg in configs.items():
+        out = compute_loss(cfg, z_cls=z_cls, z_kd=z_kd, teacher_logits=batch["t"], targets=batch["y"],
+                           warmup=1.0)
+        for name, term in out.terms.items():
+            if suffix and name != "explicit":
+                continue
+            logits = z_cls if name == "ce" else z_kd
+            rows[name + suffix] = {
+                "value": float(term.detach()),
+                "grad_body": _norm(torch.autograd.grad(term, body, retain_graph=True, allow_unused=True)),
+                "grad_head": _norm(torch.autograd.grad(term, head, retain_graph=True, allow_unused=True))
+                if head and name != "ce" else None,
+                "grad_logits_per_sample": float(torch.autograd.grad(term, logits, retain_graph=True)[0]
+                                                .norm(dim=1).mean() * len(batch["y"]))}
+        if not suffix:
+            rows["stats"] = {k: v for k, v in out.stats.items() if k != "stat/warmup"}
+    rows["train_batch_top1"] = float((z_cls.argmax(1) == batch["y"]).float().mean())
+    return rows
+
+
+def gradient_probe(stage1: dict[str, Any], params: dict[str, Any], cells: list[dict[str, Any]],
+                   batch_size: int) -> dict[str, Any]:
+    """Per-term gradient norms at initialisation and after training (seed-0 checkpoints)."""
+    batch, manifest = probe_batch(stage1, params, batch_size), Manifest.load(Path(stage1["manifest"]))
+    result: dict[str, Any] = {"batch_size": len(batch["y"])}
+    for cell in cells:
+        if not cell.get("checkpoint"):
+            continue
+        cfg = cell_configs(params, METHODS[cell["method"]][1], 0)
+        model = build_student(cfg["student"].arch, manifest, cfg["loss"], seed=0)
+        states = {"init": term_gradients(model, cfg["loss"], batch)}
+        latest = sorted(Path(cell["checkpoint"]).glob("epoch-*"))[-1]
+        model.load_state_dict(load_file(str(latest / "model.safetensors")))
+        states["final"] = term_gradients(model, cfg["loss"], batch)
+        result[cell["method"]] = states
+    return result
+
+
+def set_flags(overrides: dict[str, dict[str, Any]]) -> list[str]:
+    """`dvc exp run -S` flags for overrides; keys params.yaml lacks (recipe defaults) need a "+"."""
+    present = load_params(REPO / "params.yaml")
+    return [f"-S {'' if k in present.get(s, {}) else '+'}{s}.{k}={v}"
+            for s, values in overrides.items() for k, v in values.items()]
+
+
+# PyYAML (YAML 1.1) reads a bare `no` as False; `dvc exp run -S` rewrites params.yaml with ruamel
+# (YAML 1.2), which drops the quotes of "no" but keeps an explicit tag.
+YAML_NO_WORKAROUND = ('mixed_precision: "no"', "mixed_precision: !!str no")
+
+
+def dvc_exp_check(work: Path, overrides: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Reproduce the (dkd, seed) cell with `dvc exp run` in a git copy of this working tree: first
+    with params.yaml as it is, then (if that fails) with YAML_NO_WORKAROUND applied to the copy."""
+    repo = work / "dvc-repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for name in filter(None, files):
+        if (REPO / name).is_file() and not name.startswith(("bench/results/", "docs/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    for stale in ("metrics", "plots"):
+        shutil.rmtree(repo / stale, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    git = ["git", "-c", "user.email=exp@local", "-c", "user.name=exp"]
+    command = f"dvc exp run -S loss.name=dkd -S train.seed={seed} {' '.join(set_flags(overrides))}".strip()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    attempts = []
+    for workaround in (False, True):
+        if workaround:
+            text = (repo / "params.yaml").read_text()
+            (repo / "params.yaml").write_text(text.replace(*YAML_NO_WORKAROUND))
+        for cmd in ([*git, "add", "-A"], [*git, "commit", "-qm", "workaround" if workaround else "copy"]):
+            subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+        start = time.perf_counter()
+        proc = subprocess.run(command.split(), cwd=repo, env=env, capture_output=True, text=True)
+        attempt: dict[str, Any] = {"workaround": workaround, "returncode": proc.returncode,
+                                   "seconds": time.perf_counter() - start}
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith(("Error", "ERROR"))]
+            attempts.append({**attempt, "error": errors[-3:] or proc.stderr[-1000:]})
+            subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=repo, check=True)
+            continue
+        metrics = json.loads((repo / "metrics/student.json").read_text())
+        attempts.append({**attempt, "final_top1": metrics["final_top1"], "best_top1": metrics["best_top1"],
+                         "teacher_top1": json.loads((repo / "metrics/teacher.json").read_text())["test_top1"]})
+        break
+    return {"command": command, "seed": seed, "attempts": attempts}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, tiny data, 2 epochs, 4 methods")
+    parser.add_argument("--seeds", type=int, default=None, help="train.seed 0..N-1 (default 5; quick 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: recipe)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/aekt-experiments"))
+    parser.add_argument("--json", type=Path, default=REPO / "bench/results/experiments-digits.json")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs/results.md")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs/results-digits.png")
+    parser.add_argument("--no-dvc-check", action="store_true", help="skip the `dvc exp run` cell check")
+    parser.add_argument("--report-only", action="store_true", help="re-render --doc/--plot from --json")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        payload = json.loads(args.json.read_text())
+        payload.pop("analysis", None)
+        report.write_all(payload, json_path=args.json, doc_path=args.doc, plot_path=args.plot)
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # as the dvc stages under OMP_NUM_THREADS=1: same floats, fair on a shared CPU
+    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in QUICK_PARAMS.items()} if args.quick else {}
+    if args.epochs:
+        overrides.setdefault("train", {})["epochs"] = args.epochs
+    params = merged_params(overrides)
+    methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    seeds = range(args.seeds or (1 if args.quick else 5))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    started, cpu0 = time.time(), time.process_time()
+    stage1 = build_stage1(args.workdir, params)
+    print(f"stage 1: teacher top-1 {stage1['teacher_top1']:.4f}, {stage1['seconds']:.0f}s", flush=True)
+    cells: list[dict[str, Any]] = []
+    for seed in seeds:
+        for label in methods:
+            cells.append(run_cell(args.workdir, stage1, params, label, METHODS[label][1], seed,
+                                  keep_checkpoint=seed == 0 and label in PROBED))
+            print(f"{label} seed {seed}: final {cells[-1]['final_top1']:.4f} ({cells[-1]['cpu_s']:.0f}s cpu)",
+                  flush=True)
+    table, alpha = dict(METHODS), None
+    if CONTROL_SOURCE in methods and not args.quick:
+        w = [sum(c["w_mean"]) / len(c["w_mean"]) for c in cells if c["method"] == CONTROL_SOURCE]
+        alpha = round(sum(w) / len(w), 2)
+        table[CONTROL] = ("control", {"name": "dkd", "alpha": alpha})
+        for seed in seeds:
+            cells.append(run_cell(args.workdir, stage1, params, CONTROL, table[CONTROL][1], seed, False))
+            print(f"{CONTROL} (alpha {alpha}) seed {seed}: final {cells[-1]['final_top1']:.4f}", flush=True)
+    probe = gradient_probe(stage1, params, cells, batch_size=256)
+    dvc = None if args.no_dvc_check or args.quick else dvc_exp_check(args.workdir, overrides, seed=min(1, seeds[-1]))
+    payload = {"kind": "quick" if args.quick else "full", "argv": list(argv if argv is not None else sys.argv[1:]),
+               "params": params, "overrides": overrides, "stage1": stage1, "control_alpha": alpha,
+               "methods": {m: {"group": g, "loss": cell_configs(params, o, 0)["loss"].to_dict(), "overrides": o}
+                           for m, (g, o) in table.items() if m in {c["method"] for c in cells}},
+               "cells": cells, "gradient_probe": probe, "dvc_exp_check": dvc,
+               "machine": report.machine_info(), "started": started,
+               "cpu_s_total": time.process_time() - cpu0 + report.children_cpu_s(),
+               "wall_s_total": time.time() - started}
+    report.write_all(payload, json_path=args.json, doc_path=args.doc, plot_path=args.plot)
+    print(f"wrote {args.json}, {args.doc}, {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
