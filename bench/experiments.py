@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -68,6 +69,17 @@ QUICK_METHODS = ("ce", "dkd", "aekt", "aekt_adaptive_none_head_none")
 # A tiny digits pipeline for --quick: ~100 train samples, 2 views, a 2-epoch teacher.
 QUICK_PARAMS = {"data": {"max_per_class": 10, "shard_size": 32}, "augment": {"views": 2},
                 "teacher": {"epochs": 2}, "train": {"epochs": 2}, "loss": {"warmup_epochs": 1}}
+# Real CIFAR-10 JPEGs cut to CPU size: 100 images per class per split, resnet20 -> resnet8, 20 epochs
+# each (the 240-epoch recipe's lr and milestones scaled to 20; warm-up 20/240 of the run ~ 2 epochs).
+CIFAR10_TINY = {
+    "data": {"source": "folder", "name": "cifar10-tiny", "root": str(REPO.parent / "shared/data/cifar10-images"),
+             "max_per_class": 100, "shard_size": 100},
+    "augment": {"recipe": "cifar", "size": 32, "views": 8},
+    "teacher": {"arch": "resnet20", "epochs": 20, "lr": 0.05, "lr_schedule": "cosine"},
+    "student": {"arch": "resnet8"}, "loss": {"warmup_epochs": 2},
+    "train": {"recipe": "cifar_240ep", "epochs": 20}}
+DATASETS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...], int]] = {  # overrides, methods, seeds
+    "digits": ({}, tuple(METHODS), 5), "cifar10": (CIFAR10_TINY, ("ce", "kd", "dkd", "aekt"), 3)}
 
 
 def merged_params(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -103,9 +115,11 @@ def cell_configs(params: dict[str, Any], overrides: dict[str, Any], seed: int) -
             "cache": section(params, "cache"), "aug": section(params, "augment")}
 
 
-def read_history(path: Path) -> list[dict[str, float]]:
+def read_history(path: Path) -> dict[str, list[float]]:
+    """The trainer's per-epoch CSV as columns (losses, grad/ and stat/ logs, test top-1), 5 digits."""
     with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return {k: [float(f"{float(r[k]):.5g}") for r in rows] for k in rows[0] if all(r[k] for r in rows)}
 
 
 def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: str,
@@ -124,8 +138,7 @@ def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: 
     return {"method": label, "seed": seed, "final_top1": metrics["final_top1"],
             "best_top1": metrics["best_top1"], "best_epoch": metrics["best_epoch"],
             "epochs": metrics["epochs"], "final_terms": metrics["final_terms"],
-            "curve": [r["test_top1"] for r in history],
-            "w_mean": [r["stat_w_mean"] for r in history if "stat_w_mean" in r],
+            "history": history,
             "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
             "checkpoint": str(out / "ckpt") if keep_checkpoint else None}
 
@@ -249,13 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="train.seed 0..N-1 (default 5; quick 1)")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: recipe)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/aekt-experiments"))
-    parser.add_argument("--json", type=Path, default=REPO / "bench/results/experiments-digits.json")
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="digits")
+    parser.add_argument("--workdir", type=Path, default=None, help="default /tmp/aekt-experiments-<dataset>")
+    parser.add_argument("--json", type=Path, default=None, help="default bench/results/experiments-<dataset>.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs/results.md")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs/results-digits.png")
+    parser.add_argument("--plot", type=Path, default=None, help="default docs/results-<dataset>.png")
     parser.add_argument("--no-dvc-check", action="store_true", help="skip the `dvc exp run` cell check")
     parser.add_argument("--report-only", action="store_true", help="re-render --doc/--plot from --json")
     args = parser.parse_args(argv)
+    args.workdir = args.workdir or Path(f"/tmp/aekt-experiments-{args.dataset}")
+    args.json = args.json or REPO / f"bench/results/experiments-{args.dataset}.json"
+    args.plot = args.plot or REPO / f"docs/results-{args.dataset}.png"
     if args.report_only:
         payload = json.loads(args.json.read_text())
         payload.pop("analysis", None)
@@ -263,15 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # as the dvc stages under OMP_NUM_THREADS=1: same floats, fair on a shared CPU
-    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in QUICK_PARAMS.items()} if args.quick else {}
+    preset, default_methods, default_seeds = DATASETS[args.dataset]
+    overrides = {k: dict(v) for k, v in (QUICK_PARAMS if args.quick else preset).items()}
     if args.epochs:
         overrides.setdefault("train", {})["epochs"] = args.epochs
     params = merged_params(overrides)
-    methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    methods = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else default_methods)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
-    seeds = range(args.seeds or (1 if args.quick else 5))
+    seeds = range(args.seeds or (1 if args.quick else default_seeds))
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     started, cpu0 = time.time(), time.process_time()
@@ -286,15 +304,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
     table, alpha = dict(METHODS), None
     if CONTROL_SOURCE in methods and not args.quick:
-        w = [sum(c["w_mean"]) / len(c["w_mean"]) for c in cells if c["method"] == CONTROL_SOURCE]
+        w = [float(np.mean(c["history"]["stat_w_mean"])) for c in cells if c["method"] == CONTROL_SOURCE]
         alpha = round(sum(w) / len(w), 2)
         table[CONTROL] = ("control", {"name": "dkd", "alpha": alpha})
         for seed in seeds:
             cells.append(run_cell(args.workdir, stage1, params, CONTROL, table[CONTROL][1], seed, False))
             print(f"{CONTROL} (alpha {alpha}) seed {seed}: final {cells[-1]['final_top1']:.4f}", flush=True)
     probe = gradient_probe(stage1, params, cells, batch_size=256)
-    dvc = None if args.no_dvc_check or args.quick else dvc_exp_check(args.workdir, overrides, seed=min(1, seeds[-1]))
-    payload = {"kind": "quick" if args.quick else "full", "argv": list(argv if argv is not None else sys.argv[1:]),
+    check = not (args.no_dvc_check or args.quick) and args.dataset == "digits"  # the dvc copy runs digits
+    dvc = dvc_exp_check(args.workdir, overrides, seed=min(1, seeds[-1])) if check else None
+    payload = {"kind": "quick" if args.quick else "full", "dataset": args.dataset,
+               "argv": list(argv if argv is not None else sys.argv[1:]),
                "params": params, "overrides": overrides, "stage1": stage1, "control_alpha": alpha,
                "methods": {m: {"group": g, "loss": cell_configs(params, o, 0)["loss"].to_dict(), "overrides": o}
                            for m, (g, o) in table.items() if m in {c["method"] for c in cells}},

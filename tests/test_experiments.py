@@ -1,0 +1,75 @@
+"""Smoke test of bench/experiments.py: `--quick` end to end into tmp_path, checking the outputs'
+structure (not the accuracies, which mean nothing after 2 epochs on ~100 samples)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import experiments
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("experiments")
+    threads, handlers = torch.get_num_threads(), logging.root.handlers[:]
+    try:  # main() sets one torch thread and configures logging: restore both for the other tests
+        code = experiments.main(["--quick", "--workdir", str(out / "work"), "--json", str(out / "e.json"),
+                                 "--doc", str(out / "results.md"), "--plot", str(out / "results.png")])
+    finally:
+        torch.set_num_threads(threads)
+        logging.root.handlers[:] = handlers
+    assert code == 0
+    return out
+
+
+def test_quick_json_structure(quick_run: Path) -> None:
+    payload = json.loads((quick_run / "e.json").read_text())
+    assert payload["kind"] == "quick"
+    assert payload["dvc_exp_check"] is None  # the dvc copy is too slow for --quick
+    methods = set(experiments.QUICK_METHODS)
+    assert set(payload["methods"]) == methods
+    assert {(c["method"], c["seed"]) for c in payload["cells"]} == {(m, 0) for m in methods}
+    epochs = payload["params"]["train"]["epochs"]
+    for cell in payload["cells"]:
+        assert 0.0 <= cell["final_top1"] <= cell["best_top1"] <= 1.0
+        assert len(cell["history"]["test_top1"]) == cell["epochs"] == epochs
+        assert {"loss_ce", "loss_total", "lr"} <= set(cell["history"])
+        assert cell["cpu_s"] >= 0 and cell["wall_s"] > 0
+    aekt = next(c for c in payload["cells"] if c["method"] == "aekt")
+    assert len(aekt["history"]["stat_w_mean"]) == epochs  # the trainer's stat/w_mean, one per epoch
+    assert 0.0 <= payload["stage1"]["teacher_top1"] <= 1.0
+    assert payload["stage1"]["samples"]["train"] > 0
+
+
+def test_quick_statistics_and_probe(quick_run: Path) -> None:
+    payload = json.loads((quick_run / "e.json").read_text())
+    analysis = payload["analysis"]
+    assert set(analysis["summary"]) == set(experiments.QUICK_METHODS)
+    assert set(analysis["vs_reference"]) == set(experiments.QUICK_METHODS) - {"dkd"}
+    assert {"mean", "ci95", "wins", "losses", "ties", "sign_p", "t_p_holm"} <= set(analysis["vs_reference"]["aekt"])
+    # Same seed -> same initialisation and data order, and AEKT(adaptive none, head none) is DKD exactly:
+    # the pairing every comparison relies on.
+    assert analysis["vs_reference"]["aekt_adaptive_none_head_none"]["diffs"] == [0.0]
+    probe = payload["gradient_probe"]
+    assert set(probe) == {"batch_size", "dkd", "aekt"}
+    for state in ("init", "final"):
+        assert {"ce", "tckd", "nckd"} <= set(probe["dkd"][state])
+        assert {"ce", "explicit", "implicit", "explicit@w=1", "stats"} <= set(probe["aekt"][state])
+        assert probe["aekt"][state]["implicit"]["grad_head"] > 0  # the serial head gets the KD gradient
+    assert probe["dkd"]["init"]["ce"] == probe["aekt"]["init"]["ce"]  # same seed-0 initialisation
+
+
+def test_quick_report_files(quick_run: Path) -> None:
+    doc = (quick_run / "results.md").read_text()
+    for heading in ("## Answer", "## Top-1 (%) per method", "### Against DKD", "## Reproduce",
+                    "## Environment and timings"):
+        assert heading in doc
+    for method in experiments.QUICK_METHODS:
+        assert f"| {method} |" in doc
+    assert "results.png" in doc and "optimistic" in doc
+    assert (quick_run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
