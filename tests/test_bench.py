@@ -1,0 +1,139 @@
+"""Smoke tests for bench/: every benchmark runs at tiny sizes and writes valid JSON with its keys.
+
+No timing assertions: numbers on a shared CI CPU mean nothing; the structure must hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench import cache_read, run_all, scaling, stage1, student_step
+from bench.common import format_table, linear_fit, machine_info, paired_ratio
+from stages.bench import main as bench_command
+
+MACHINE_KEYS = {"date", "device", "device_name", "cpu_count", "torch", "torch_threads"}
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    # The benchmarks pin torch to one thread on CPU; later tests should get the default back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_strict(path: Path) -> dict[str, Any]:
+    """JSON as the standard defines it: NaN/Infinity (which json.dumps allows) are rejected."""
+    def reject(token: str) -> None:
+        raise ValueError(f"{path}: non-standard JSON constant {token}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def check_common(payload: dict[str, Any], name: str) -> None:
+    assert payload["benchmark"] == name
+    assert set(payload["machine"]) >= MACHINE_KEYS
+    assert payload["machine"]["device"] == "cpu"
+
+
+def test_student_step_writes_ratios(tmp_path: Path) -> None:
+    argv = ["--pairs", "digits,cifar", "--batch", "4", "--steps", "1", "--warmup", "0", "--rounds", "2",
+            "--out-dir", str(tmp_path)]
+    assert student_step.main(argv) == 0
+    payload = load_strict(tmp_path / "student_step-cpu.json")
+    check_common(payload, "student_step")
+    assert {r["pair"] for r in payload["results"]} == {"digits", "cifar"}
+    for r in payload["results"]:
+        assert set(r["img_per_s"]) == set(student_step.MODES)
+        assert len(r["img_per_s_rounds"]["ce"]) == 2
+        assert set(r["ratios"]) == {"cached_over_ce", "cached_over_online", "online_over_ce"}
+        assert all(v > 0 for v in r["ratios"].values())
+
+
+def test_stage1_writes_per_codec(tmp_path: Path) -> None:
+    argv = ["--samples", "40", "--views", "1", "--rounds", "1", "--shard-size", "16", "--out-dir", str(tmp_path),
+            "--profile"]
+    assert stage1.main(argv) == 0
+    payload = load_strict(tmp_path / "stage1-cpu.json")
+    check_common(payload, "stage1")
+    assert set(payload["codecs"]) == {"fp32", "fp16", "int8", "topk"}
+    assert payload["config"]["sample_views"] == payload["config"]["samples"]
+    for r in payload["codecs"].values():
+        assert {"sample_views_per_s", "ratio_to_forward_only", "encode_sample_views_per_s",
+                "write_sample_views_per_s", "disk_bytes_per_sample_view"} <= set(r)
+    assert payload["profile_write_items"]
+
+
+def test_cache_read_reports_bytes_and_fidelity(tmp_path: Path) -> None:
+    argv = ["--classes", "10,100", "--samples", "64", "--views", "1", "--shard-sizes", "32,64", "--batch", "2",
+            "--steps", "1", "--rounds", "1", "--out-dir", str(tmp_path)]
+    assert cache_read.main(argv) == 0
+    payload = load_strict(tmp_path / "cache_read-cpu.json")
+    check_common(payload, "cache_read")
+    assert [c["num_classes"] for c in payload["cases"]] == [10, 100]
+    for case in payload["cases"]:
+        assert {(r["codec"], r["shard_size"]) for r in case["results"]} == {
+            (c, n) for c in ("fp32", "fp16", "int8", "topk") for n in (32, 64)}
+        by_codec = {r["codec"]: r for r in case["results"]}
+        # Structure, not speed: lossless fp32 decodes exactly, topk is the smallest raw row.
+        assert by_codec["fp32"]["kl_tau1_max"] == 0.0
+        assert by_codec["topk"]["raw_bytes_per_sample_view"] < by_codec["fp32"]["raw_bytes_per_sample_view"]
+        for r in case["results"]:
+            assert r["read_over_consumption"] > 0 and r["disk_bytes_per_sample_view"] > 0
+
+
+def test_synthetic_logits_hit_the_calibrated_confidence(tmp_path: Path) -> None:
+    _, originals, targets = cache_read.build_synthetic_store(
+        tmp_path / "s.zarr", num_classes=100, codec="fp16", samples=512, views=1, shard_size=128)
+    probs = torch.softmax(torch.from_numpy(originals[0]).double(), 1)[torch.arange(512), torch.from_numpy(targets)]
+    assert abs(float(probs.mean()) - cache_read.TARGET_PROB) < 0.05
+
+
+def test_scaling_fits_and_extrapolates(tmp_path: Path) -> None:
+    argv = ["--samples", "30,60", "--views", "1,2", "--rounds", "1", "--imagenet-codecs", "fp16,topk",
+            "--out-dir", str(tmp_path)]
+    assert scaling.main(argv) == 0
+    payload = load_strict(tmp_path / "scaling-cpu.json")
+    check_common(payload, "scaling")
+    assert len(payload["by_samples"]) == 2 and len(payload["by_views"]) == 2
+    assert {"stage1_s_vs_samples", "stage1_s_vs_views", "stage2_epoch_s_vs_samples", "stage2_epoch_s_vs_views",
+            "stage1_s_vs_sample_views"} == set(payload["fits"])
+    rows = payload["imagenet"]["extrapolated"]
+    assert {(r["codec"], r["views"]) for r in rows} == {(c, v) for c in ("fp16", "topk") for v in (10, 100)}
+    for r in rows:
+        assert r["cache_gb"] > 0 and r["files"] > 0
+        assert r["gpu_decode+resnet50_bottleneck"] in {"decode", "teacher", "writer"}
+    assert payload["imagenet"]["assumptions"]
+
+
+def test_aekt_bench_command_passes_options_through(tmp_path: Path) -> None:
+    result = CliRunner().invoke(bench_command, ["stage1", "--samples", "20", "--views", "1", "--rounds", "1",
+                                                "--codecs", "fp16", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "write_items" in result.output  # the table's header
+    assert load_strict(tmp_path / "stage1-cpu.json")["codecs"].keys() == {"fp16"}
+    assert CliRunner().invoke(bench_command, ["nonsense"]).exit_code != 0
+
+
+def test_run_all_summarises_and_reports_failures(tmp_path: Path) -> None:
+    assert run_all.main(["--quick", "--only", "stage1", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "stage1-cpu.json").is_file()
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nonsense", "--out-dir", str(tmp_path)])
+
+
+def test_helpers() -> None:
+    fit = linear_fit([1, 2, 3], [3, 5, 7])
+    assert math.isclose(fit["slope"], 2.0) and math.isclose(fit["intercept"], 1.0) and fit["r2"] == 1.0
+    assert linear_fit([1, 1], [2, 3])["slope"] is None
+    assert paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["median"] == 2.0
+    assert "a" in format_table(["a", "b"], [[1.5, "x"]])
+    assert set(machine_info(torch.device("cpu"))) >= MACHINE_KEYS
