@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.models import build_model, load_weights
 
+_RERUN = "rerun the stage that wrote it (`aekt teacher` / `aekt student`, or `dvc repro`)"
+
 
 class ArtifactError(ValueError):
     """A model artifact is missing, damaged, or does not describe its weights."""
@@ -76,11 +78,11 @@ def load_model(weights: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     weights = Path(weights)
     card = read_card(weights)
     if not weights.is_file():
-        raise ArtifactError(f"{weights}: weights file not found (its card exists); rerun the stage.")
+        raise ArtifactError(f"{weights}: weights file not found (its card exists); {_RERUN}.")
     actual = sha256_file(weights)
     if actual != card["sha256"]:
         raise ArtifactError(f"{weights}: sha256 {actual[:12]}… does not match its card "
-                            f"({card['sha256'][:12]}…); the file was modified — rerun the stage.")
+                            f"({card['sha256'][:12]}…); the file was modified — {_RERUN}.")
     model = build_model(card["arch"], num_classes=card["num_classes"], in_channels=card["in_channels"])
     load_weights(model, load_file(str(weights)), source=str(weights))
     return model, card

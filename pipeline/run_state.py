@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.artifacts import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 KEEP = 2
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt")
 
 
 class ResumeError(ValueError):
@@ -38,7 +42,7 @@ def save_checkpoint(ckpt_dir: Path, *, epoch: int, model: torch.nn.Module, optim
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    files = {name: sha256_file(tmp / name) for name in ("model.safetensors", "optimizer.pt")}
+    files = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
     (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -51,11 +55,15 @@ def save_checkpoint(ckpt_dir: Path, *, epoch: int, model: torch.nn.Module, optim
 def _intact(path: Path) -> dict[str, Any] | None:
     try:
         state = json.loads((path / "state.json").read_text())
+        # Only our two files, by name: a crafted state.json must not make us read other paths.
+        if set(state["files"]) != set(CHECKPOINT_FILES) or not isinstance(state["epoch"], int) \
+                or not isinstance(state["history"], list):
+            raise ValueError("state.json does not describe one of our checkpoints")
         for name, digest in state["files"].items():
             if sha256_file(path / name) != digest:
                 raise ValueError(f"{name} checksum mismatch")
         return state
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("checkpoint %s is not usable (%s); trying an older one", path, err)
         return None
 
@@ -74,8 +82,20 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
         if state.get("fingerprint") != fingerprint:
             raise ResumeError(f"{path}: written by a run with other parameters (student/loss/train "
                               "params or the cache changed); run without --resume to start over.")
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(load_file(str(path / "model.safetensors")))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
+                                                 weights_only=True))
+        # weights_only refuses pickled code (UnpicklingError); the others are foreign contents.
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError,
+                EOFError) as err:
+            found = ", ".join(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(err)))) or "?"
+            reason = (f"UnpicklingError: optimizer.pt names Python objects ({found}); refused, never "
+                      "executed" if isinstance(err, pickle.UnpicklingError)
+                      else f"{type(err).__name__}: {str(err).splitlines()[0]}")
+            raise ResumeError(f"{path}: cannot restore this checkpoint ({reason}); it was not written "
+                              "by `aekt student`. Delete it, or run without --resume to start "
+                              "over.") from err
         log.info("resumed from %s (epoch %d)", path, state["epoch"])
         return state
     raise ResumeError(f"{ckpt_dir}: every checkpoint is damaged; run without --resume to start over.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -51,9 +52,22 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except user_errors() as err:
-            raise click.ClickException(str(err)) from err
+            raise click.ClickException(user_message(err)) from err
 
     return wrapper
+
+
+def user_message(err: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker, the original message only.
+
+    torch re-raises a worker's exception as the same type with the text "Caught X in DataLoader
+    worker process N.\nOriginal Traceback (...)...\n<module>.X: <message>".
+    """
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        found = re.search(rf"^[\w.]*\b{type(err).__name__}: (.*)\Z", text, re.MULTILINE | re.DOTALL)
+        text = found.group(1).strip() if found else text
+    return text
 
 
 def read_sections(params_path: str, *names: str) -> list[Any]:

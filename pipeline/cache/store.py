@@ -16,6 +16,7 @@ worst a chunk that the rerun overwrites (invariant 5).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,11 +26,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.cache.codecs import Codec, make_codec
+from pipeline.cache.codecs import CODEC_NAMES, Codec, make_codec
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# A damaged chunk under matching provenance: `--rebuild` would keep the store, so it must go.
+_DELETE = "the store is corrupt — delete it and rerun `aekt cache` (or `dvc repro cache`)"
 
 
 class CacheError(ValueError):
@@ -80,16 +83,25 @@ class Provenance:
         expected = {f.name: f.type for f in fields(cls)}
         missing = sorted(set(expected) - set(raw))
         if missing:
-            raise CacheError(f"{where}: provenance lacks {', '.join(missing)}; rebuild the store.")
+            raise CacheError(f"{where}: provenance lacks {', '.join(missing)}; rebuild the store with "
+                             "`aekt cache --rebuild`.")
         types = {"str": str, "int": int, "dict[str, Any]": dict}
         for name, type_name in expected.items():
             value = raw[name]
             want = types[str(type_name)]
             if not isinstance(value, want) or isinstance(value, bool):
-                raise CacheError(f"{where}: provenance.{name} should be {want.__name__}, got {value!r}.")
+                raise CacheError(f"{where}: provenance.{name} should be {want.__name__}, got {value!r}; "
+                                 "rebuild the store with `aekt cache --rebuild`.")
         for name in ("views", "num_classes", "num_samples", "shard_size", "num_params"):
             if raw[name] < 1:
-                raise CacheError(f"{where}: provenance.{name} must be >= 1, got {raw[name]}.")
+                raise CacheError(f"{where}: provenance.{name} must be >= 1, got {raw[name]}; rebuild "
+                                 "the store with `aekt cache --rebuild`.")
+        k = raw["codec_params"].get("k", 1)
+        if raw["codec"] not in CODEC_NAMES or set(raw["codec_params"]) - {"k"} or \
+                not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise CacheError(f"{where}: provenance codec {raw['codec']!r} with params "
+                             f"{raw['codec_params']!r} is not one of {', '.join(CODEC_NAMES)} (topk "
+                             "takes a positive integer k); rebuild the store with `aekt cache --rebuild`.")
         return cls(**{k: raw[k] for k in expected})
 
     def mismatches(self, other: Provenance) -> list[str]:
@@ -133,9 +145,11 @@ class LogitStore:
     def create(cls, path: str | Path, prov: Provenance, *, compressor: str = "zstd",
                clevel: int = 3) -> LogitStore:
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)
-        group = zarr.open_group(str(path), mode="w")
+        # Built beside the store and renamed into place: a kill mid-creation leaves no store (a
+        # rerun creates it), never one without provenance that a plain rerun would refuse.
+        tmp = path.with_name(f".{path.name}.tmp-create")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(str(tmp), mode="w")
         v, n, s = prov.views, prov.num_samples, prov.shard_size
         comp = _compressors(compressor, clevel)
         for name, spec in prov.make_codec().fields(prov.num_classes).items():
@@ -147,25 +161,33 @@ class LogitStore:
         group.create_array("done", shape=(v, prov.num_shards), chunks=(1, 1), dtype="uint8",
                            compressors=None, fill_value=0)
         group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": asdict(prov)})
-        return cls(path, group, prov)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return cls(path, zarr.open_group(str(path), mode="r+"), prov)
 
     def _check_arrays(self) -> None:
         prov = self.provenance
-        wanted = {name: (prov.views, prov.num_samples, *spec.row_shape)
+        wanted = {name: ((prov.views, prov.num_samples, *spec.row_shape), spec.dtype)
                   for name, spec in self.codec.fields(prov.num_classes).items()}
-        wanted["params"] = (prov.views, prov.num_samples, prov.num_params)
-        wanted["done"] = (prov.views, prov.num_shards)
-        for name, shape in wanted.items():
-            if name not in self.group:
+        wanted["params"] = ((prov.views, prov.num_samples, prov.num_params), "float32")
+        wanted["done"] = ((prov.views, prov.num_shards), "uint8")
+        rebuild = "the store is damaged — rebuild it with `aekt cache --rebuild`"
+        for name, (shape, dtype) in wanted.items():
+            try:
+                arr = self.group.get(name)
+            except Exception as err:  # zarr raises several types for metadata it cannot use
+                raise CacheError(f"{self.path}/{name}: unusable array metadata ({type(err).__name__}: "
+                                 f"{err}); {rebuild}.") from err
+            if not isinstance(arr, zarr.Array):
                 raise CacheError(f"{self.path}: array '{name}' is missing; the store is incomplete — "
                                  "delete it and rerun `aekt cache`.")
-            arr = self.group[name]
-            if tuple(arr.shape) != shape:
-                raise CacheError(f"{self.path}/{name}: shape {tuple(arr.shape)} does not match the "
-                                 f"provenance {shape}; the store is damaged — rebuild it.")
+            if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
+                raise CacheError(f"{self.path}/{name}: {arr.dtype} {tuple(arr.shape)} does not match "
+                                 f"the provenance's {dtype} {shape}; {rebuild}.")
             if name != "done" and arr.chunks[1] != prov.shard_size:
                 raise CacheError(f"{self.path}/{name}: chunks {arr.chunks} are not aligned to "
-                                 f"shard_size {prov.shard_size}; rebuild the store.")
+                                 f"shard_size {prov.shard_size}; {rebuild}.")
 
     # ---- done markers --------------------------------------------------------------------------
     def done_mask(self) -> np.ndarray:
@@ -197,14 +219,19 @@ class LogitStore:
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Decoded float32 logits ``[n, C]`` and params ``[n, P]`` of one (view, shard) chunk row."""
         start, end = self.provenance.shard_range(shard)
-        arrays = {name: self.group[name][view, start:end]
-                  for name in self.codec.fields(self.provenance.num_classes)}
+        try:
+            arrays = {name: self.group[name][view, start:end]
+                      for name in [*self.codec.fields(self.provenance.num_classes), "params"]}
+        except Exception as err:  # zarr/numcodecs raise many types for a chunk that does not decode
+            raise CacheError(f"{self.path}: cannot read chunk row (view {view}, shard {shard}): "
+                             f"{type(err).__name__}: {err}; {_DELETE}.") from err
+        params = arrays.pop("params")
         logits = self.codec.decode(arrays, self.provenance.num_classes, targets)
         if not np.isfinite(logits).all():
             bad = int(np.argwhere(~np.isfinite(logits))[0, 0]) + start
             raise CacheError(f"{self.path}: non-finite logits for view {view}, sample index {bad}; "
-                             "the store is corrupt — rebuild it with `aekt cache --rebuild`.")
-        return logits, self.group["params"][view, start:end]
+                             f"{_DELETE}.")
+        return logits, params
 
     def disk_bytes(self) -> dict[str, int]:
         """On-disk bytes per array (compressed chunks + metadata)."""

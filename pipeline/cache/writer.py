@@ -122,8 +122,13 @@ def _finish_item(store: LogitStore, item: dict, logits: np.ndarray) -> None:
                          f"{item['shard']}, view {item['view']}); check the teacher checkpoint and "
                          "cache.mixed_precision. No done marker was written for this shard.")
     arrays = store.codec.encode(logits, item["labels"])
-    store.write_row(item["view"], item["shard"], arrays, item["params"])
-    store.mark_done(item["view"], item["shard"])
+    try:
+        store.write_row(item["view"], item["shard"], arrays, item["params"])
+        store.mark_done(item["view"], item["shard"])
+    except OSError as err:  # disk full, file-size limit, I/O error
+        raise CacheError(f"{store.path}: writing view {item['view']}, shard {item['shard']} failed: "
+                         f"{err}. Free disk space (or fix the file system) and rerun `aekt cache`: it "
+                         "resumes, and this shard has no done marker.") from err
 
 
 def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module,
