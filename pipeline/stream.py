@@ -112,7 +112,8 @@ class ShardStream(IterableDataset):
             teacher, params = self.store.read_row(view, shard, labels)
             if teacher.shape[0] != len(samples):
                 raise CacheError(f"{spec.store_path}: shard {info.name} has {len(samples)} samples "
-                                 f"but the store row holds {teacher.shape[0]}; rebuild the cache.")
+                                 f"but the store row holds {teacher.shape[0]}; delete the store and rerun "
+                                 "`aekt cache` (or `dvc repro cache`).")
         elif spec.train:
             params = augment.sample_params(spec.recipe, seed=spec.aug_seed, view=view, indices=indices)
         order = (np.random.default_rng([spec.seed, self.epoch, shard, 1]).permutation(len(samples))
