@@ -37,7 +37,8 @@ QUICK: dict[str, list[str]] = {
     "stage1": ["--samples", "100", "--views", "1", "--rounds", "1"],
     "cache_read": ["--classes", "10,100", "--samples", "256", "--views", "1", "--batch", "4", "--steps", "1",
                    "--rounds", "1"],
-    "scaling": ["--samples", "50,100", "--views", "1,2", "--rounds", "1", "--imagenet-codecs", "fp16,topk"],
+    "scaling": ["--samples", "50,100", "--views", "1,2", "--rounds", "1", "--imagenet-codecs", "fp16,topk",
+                "--imagenet-samples", "512"],
 }
 
 

@@ -125,18 +125,18 @@ def measure_point(workdir: Path, *, samples: int | None, views: int, codec: str,
     return point
 
 
-def imagenet_bytes(workdir: Path, codecs: Sequence[str], shard_sizes: Sequence[int],
-                   topk: int) -> dict[str, Any]:
+def imagenet_bytes(workdir: Path, codecs: Sequence[str], shard_sizes: Sequence[int], topk: int,
+                   samples: int = 2048) -> dict[str, Any]:
     """Per codec and shard size: measured bytes per sample-view at C=1000 and the writer's rate."""
     out: dict[str, Any] = {}
     for codec in codecs:
         for shard in shard_sizes:
             timings: dict[str, float] = {}
             store, _, _ = build_synthetic_store(workdir / f"in-{codec}-{shard}.zarr", num_classes=1000,
-                                                codec=codec, samples=2048, views=1, shard_size=shard,
+                                                codec=codec, samples=samples, views=1, shard_size=shard,
                                                 topk=topk, timings=timings)
             out.setdefault(codec, {})[shard] = {**payload_bytes(store),
-                                                "writer_sample_views_per_s": 2048 / sum(timings.values())}
+                                                "writer_sample_views_per_s": samples / sum(timings.values())}
     return out
 
 
@@ -167,8 +167,8 @@ def extrapolate(measured: dict[str, Any], *, views_list: Sequence[int], topk: in
 def run(*, device: str = "cpu", samples: Sequence[int] = (340, 680, 1347), views: Sequence[int] = (1, 2, 4),
         base_views: int = 2, codec: str = "fp16", shard_size: int = 128, workers: int = 0, batch: int = 64,
         rounds: int = 3, imagenet_codecs: Sequence[str] = CODEC_NAMES,
-        imagenet_views: Sequence[int] = (10, 100),
-        imagenet_shard_sizes: Sequence[int] = (128, 1024), topk: int = 20, precision: str | None = None,
+        imagenet_views: Sequence[int] = (10, 100), imagenet_shard_sizes: Sequence[int] = (128, 1024),
+        imagenet_samples: int = 2048, topk: int = 20, precision: str | None = None,
         threads: int | None = None, profile: bool = False, workdir: Path | None = None) -> dict[str, Any]:
     dev = resolve_device(device)
     set_threads(threads, dev)
@@ -185,7 +185,7 @@ def run(*, device: str = "cpu", samples: Sequence[int] = (340, 680, 1347), views
                 for y in ("stage1_s", "stage2_epoch_s") for x, pts in (("samples", by_n), ("views", by_v))}
         fits["stage1_s_vs_sample_views"] = linear_fit([p["sample_views"] for p in by_n + by_v],
                                                       [p["stage1_s"] for p in by_n + by_v])
-        measured = imagenet_bytes(tmp, imagenet_codecs, imagenet_shard_sizes, topk)
+        measured = imagenet_bytes(tmp, imagenet_codecs, imagenet_shard_sizes, topk, imagenet_samples)
         rows = extrapolate(measured, views_list=imagenet_views, topk=topk,
                            stage1_slope=fits["stage1_s_vs_sample_views"]["slope"])
         payload: dict[str, Any] = {
@@ -227,10 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64, help="student batch for stage 2")
     parser.add_argument("--imagenet-codecs", type=csv_strs, default=list(CODEC_NAMES))
+    parser.add_argument("--imagenet-shard-sizes", type=csv_ints, default=[128, 1024])
+    parser.add_argument("--imagenet-samples", type=int, default=2048, help="rows of the C=1000 stores")
     args = parser.parse_args(argv)
     payload = run(device=args.device, samples=args.samples, views=args.views, codec=args.codec,
                   workers=args.workers, batch=args.batch, rounds=args.rounds,
-                  imagenet_codecs=args.imagenet_codecs, precision=args.precision, threads=args.threads,
+                  imagenet_codecs=args.imagenet_codecs, imagenet_shard_sizes=args.imagenet_shard_sizes,
+                  imagenet_samples=args.imagenet_samples, precision=args.precision, threads=args.threads,
                   profile=args.profile)
     finish(payload, table(payload), name=NAME, device=resolve_device(args.device), out_dir=args.out_dir,
            write=not args.no_write)

@@ -74,7 +74,7 @@ PAIRS: dict[str, Pair] = {
 # on 2 cores (a resnet8x4 step at batch 64 takes seconds there); GPU sizes match DESIGN's table.
 DEFAULTS: dict[tuple[str, str], tuple[list[int], int, int]] = {
     ("digits", "cpu"): ([64], 50, 5), ("digits", "cuda"): ([256], 200, 20),
-    ("cifar", "cpu"): ([64], 1, 1), ("cifar", "cuda"): ([64, 256, 1024], 100, 10),
+    ("cifar", "cpu"): ([64], 2, 2), ("cifar", "cuda"): ([64, 256, 1024], 100, 10),
     ("imagenet", "cpu"): ([8], 1, 1), ("imagenet", "cuda"): ([256], 30, 5),
 }
 

@@ -99,7 +99,7 @@ def test_synthetic_logits_hit_the_calibrated_confidence(tmp_path: Path) -> None:
 
 def test_scaling_fits_and_extrapolates(tmp_path: Path) -> None:
     argv = ["--samples", "30,60", "--views", "1,2", "--rounds", "1", "--imagenet-codecs", "fp16,topk",
-            "--out-dir", str(tmp_path)]
+            "--imagenet-shard-sizes", "64,128", "--imagenet-samples", "256", "--out-dir", str(tmp_path)]
     assert scaling.main(argv) == 0
     payload = load_strict(tmp_path / "scaling-cpu.json")
     check_common(payload, "scaling")
