@@ -73,23 +73,34 @@ def to_device_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.ndim == 4 else x
 
 
-def term_grad_norms(terms: dict[str, torch.Tensor], logits: tuple[torch.Tensor, ...]) -> dict[str, float]:
+def term_grad_norms(terms: dict[str, torch.Tensor], logits: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
     """Norm of each loss term's gradient w.r.t. the student's logits (AEKT.md: log how strongly each
-    term pulls). Taken at the logits, not the weights, so it costs a backward through the loss only."""
+    term pulls). Taken at the logits, not the weights, so it costs a backward through the loss only.
+    Returned as 0-d tensors on the device: no host sync here."""
     inputs = list({id(t): t for t in logits if t.requires_grad}.values())
-    names, norms = [], []
+    norms = {}
     for name, term in terms.items():
         if not term.requires_grad:
             continue
         grads = [g for g in torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True) if g is not None]
-        names.append(f"grad/{name}")
-        norms.append(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt() if grads else inputs[0].new_zeros(()))
-    # One device sync for all norms, not one per term.
-    return dict(zip(names, torch.stack(norms).tolist(), strict=True)) if norms else {}
+        norms[f"grad/{name}"] = (torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt() if grads
+                                 else inputs[0].new_zeros(()))
+    return norms
 
 
-def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
-               batch: dict, warm: float, recipe: str) -> tuple[dict[str, float], dict[str, float]]:
+def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    """One host sync for all terms accumulated so far; called every NAN_CHECK_EVERY steps."""
+    if term_sums and not bool(torch.isfinite(torch.stack(list(term_sums.values()))).all()):
+        bad = [k for k, v in term_sums.items() if not torch.isfinite(v)]
+        raise TrainingDiverged(f"loss became non-finite by epoch {epoch} step {step} (terms: {', '.join(bad)}); "
+                               "lower train.lr or loss.head_lr_scale, or check the cached teacher logits "
+                               "(`aekt verify-cache`). No model was written.")
+
+
+def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any, batch: dict,
+               warm: float, recipe: str, probe_grads: bool) -> tuple[dict[str, torch.Tensor], dict[str, float],
+                                                                     dict[str, torch.Tensor]]:
+    """One optimiser step; returns detached loss terms and gradient norms (device tensors) and stats."""
     device = accelerator.device
     images = batch["image"].to(device, non_blocking=True)
     if batch["params"].numel():  # augmentation deferred to the batch (stream batch_augment)
@@ -107,16 +118,16 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
                 teacher = batch["teacher"].to(device, non_blocking=True)
         z_cls, z_kd = z_cls.float(), z_kd.float()
         out = compute_loss(job.loss, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=warm)
-        total = out.total
-        out.stats.update(term_grad_norms(out.terms, (z_cls, z_kd)))
-        if not torch.isfinite(total):
-            terms = {k: float(v) for k, v in out.terms.items()}
-            raise TrainingDiverged(f"loss became non-finite ({terms}); lower train.lr or "
-                                   "loss.head_lr_scale, or check the cached teacher logits.")
-        accelerator.backward(total)
+        grads = term_grad_norms(out.terms, (z_cls, z_kd)) if probe_grads else {}
+        accelerator.backward(out.total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {k: float(v.detach()) for k, v in out.terms.items()}, out.stats
+    return {k: v.detach() for k, v in out.terms.items()}, out.stats, grads
+
+
+# Host syncs cost at small batch on a GPU: check finiteness and probe gradient norms periodically.
+NAN_CHECK_EVERY = 25
+GRAD_PROBE_EVERY = 10
 
 
 def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
@@ -126,8 +137,10 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     n_local = stream.num_samples()
     steps = max(1, math.ceil(n_local / sched.batch_size))
     warm = warmup_factor(epoch, job.loss.warmup_epochs) if job.loss.name != "ce" else 1.0
-    sums: dict[str, float] = {}
-    seen, start = 0, time.perf_counter()
+    term_sums: dict[str, torch.Tensor] = {}
+    grad_sums: dict[str, torch.Tensor] = {}
+    stat_sums: dict[str, float] = {}
+    seen, probes, start = 0, 0, time.perf_counter()
     loader = build_loader(stream, sched.batch_size, sched.workers, accelerator.device.type == "cuda")
     # Ranks may hold different sample counts (whole shards per rank): DDP's Join lets a rank that
     # ran out shadow the others' gradient all-reduces instead of hanging (Accelerate's
@@ -142,15 +155,26 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
             scale = lr_at((epoch - 1 + step / steps) / sched.epochs, sched)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
-            terms, stats = train_step(job, accelerator, model, optimizer, batch, warm, recipe)
+            terms, stats, grads = train_step(job, accelerator, model, optimizer, batch, warm, recipe,
+                                             probe_grads=step % GRAD_PROBE_EVERY == 0)
             b = len(batch["label"])
-            for k, v in {**terms, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v * b
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0) + v * b
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v * b
+            for k, v in grads.items():
+                grad_sums[k] = grad_sums.get(k, 0) + v
+            probes += bool(grads)
             seen += b
             bar.update(b)
+            if step % NAN_CHECK_EVERY == 0:
+                check_finite(term_sums, epoch, step)
+    check_finite(term_sums, epoch, step)
     seconds = time.perf_counter() - start
-    row = {k if k.startswith(("stat/", "grad/")) else f"loss/{k}": v / max(seen, 1) for k, v in sums.items()}
-    row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
+    row: dict[str, Any] = {f"loss/{k}": float(v) / max(seen, 1) for k, v in term_sums.items()}
+    row["loss/total"] = sum(row.values())
+    row.update({k: v / max(seen, 1) for k, v in stat_sums.items()})
+    row.update({k: float(v) / max(probes, 1) for k, v in grad_sums.items()})
     counts = accelerator.reduce(torch.tensor([seen, seconds], device=accelerator.device, dtype=torch.float64),
                                 reduction="sum")
     row.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], samples=int(counts[0]),

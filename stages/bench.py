@@ -3,17 +3,10 @@
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 import click
 
-# bench/ sits beside stages/ in the repository but is not part of the installed package (pyproject
-# lists pipeline* and stages*), so an `aekt` started outside the repository root would not find it.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-from bench import BENCHMARKS  # noqa: E402  (needs the path above)
+from bench import BENCHMARKS
 
 
 @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

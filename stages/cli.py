@@ -2,7 +2,7 @@
 
 import click
 
-from stages import cache, evaluate, inspect, prepare, student, teacher, verify
+from stages import bench, cache, evaluate, inspect, prepare, student, teacher, verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,7 +12,7 @@ def main() -> None:
 
 
 for command in (prepare.main, teacher.main, cache.main, student.main, evaluate.main, verify.main,
-                inspect.main):
+                inspect.main, bench.main):
     main.add_command(command)
 
 if __name__ == "__main__":

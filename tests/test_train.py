@@ -106,4 +106,12 @@ def test_term_grad_norms_match_the_closed_form_for_ce() -> None:
     ce = torch.nn.functional.cross_entropy(z, y)
     expected = ((torch.softmax(z, 1) - torch.nn.functional.one_hot(y, 5)) / 8).norm()
     norms = term_grad_norms({"ce": ce, "const": torch.tensor(1.0)}, (z, z))
-    assert norms == {"grad/ce": pytest.approx(float(expected))}
+    assert list(norms) == ["grad/ce"] and float(norms["grad/ce"]) == pytest.approx(float(expected))
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_pipeline: Path, tmp_path: Path) -> None:
+    work = copy_for_student(tiny_pipeline, tmp_path / "w", lr=1.0e12)
+    proc = run([sys.executable, "-m", "stages.cli", *STUDENT], work, check=False)
+    assert proc.returncode != 0
+    assert "loss became non-finite" in proc.stderr and "lower train.lr" in proc.stderr
+    assert not (work / "student.safetensors").exists()

@@ -123,6 +123,14 @@ class LogitStore:
         self.group = group
         self.provenance = provenance
         self.codec = provenance.make_codec()
+        self._arrays: dict[str, Any] = {}
+
+    def array(self, name: str) -> Any:
+        """The named zarr array, opened once: re-opening per chunk row re-reads its metadata and
+        dominated read time for small rows (bench/cache_read)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -192,7 +200,7 @@ class LogitStore:
     # ---- done markers --------------------------------------------------------------------------
     def done_mask(self) -> np.ndarray:
         """bool ``[V, n_shards]``; a marker chunk that cannot be read counts as not done."""
-        done = self.group["done"]
+        done = self.array("done")
         try:
             return done[:] == 1
         except Exception:  # a torn marker write: fall back to reading marker by marker
@@ -206,21 +214,21 @@ class LogitStore:
             return mask
 
     def mark_done(self, view: int, shard: int) -> None:
-        self.group["done"][view, shard] = 1
+        self.array("done")[view, shard] = 1
 
     # ---- chunk rows ----------------------------------------------------------------------------
     def write_row(self, view: int, shard: int, arrays: dict[str, np.ndarray], params: np.ndarray) -> None:
         start, end = self.provenance.shard_range(shard)
         for name, values in arrays.items():
-            self.group[name][view, start:end] = values
-        self.group["params"][view, start:end] = params
+            self.array(name)[view, start:end] = values
+        self.array("params")[view, start:end] = params
 
     def read_row(self, view: int, shard: int, targets: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Decoded float32 logits ``[n, C]`` and params ``[n, P]`` of one (view, shard) chunk row."""
         start, end = self.provenance.shard_range(shard)
         try:
-            arrays = {name: self.group[name][view, start:end]
+            arrays = {name: self.array(name)[view, start:end]
                       for name in [*self.codec.fields(self.provenance.num_classes), "params"]}
         except Exception as err:  # zarr/numcodecs raise many types for a chunk that does not decode
             raise CacheError(f"{self.path}: cannot read chunk row (view {view}, shard {shard}): "
