@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -279,13 +280,44 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (only true/false), as DVC reads params.yaml.
+
+    `dvc exp run -S` rewrites params.yaml with a YAML 1.2 writer that drops the quotes of
+    ``mixed_precision: "no"``; YAML 1.1 (PyYAML's default) would read the bare ``no`` as false.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _mapping_without_duplicates(loader: ParamsLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # PyYAML keeps the last of two equal keys silently; a twice-set hyperparameter is a mistake.
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"params.yaml line {key_node.start_mark.line + 1}: key '{key}' is set twice "
+                              "in the same section; keep one.")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found. Run from the repository root or pass "
                           "--params PATH.")
     with path.open() as f:
-        params = yaml.safe_load(f) or {}
+        params = yaml.load(f, Loader=ParamsLoader) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}.")
     unknown = sorted(set(params) - set(SECTIONS))

@@ -58,3 +58,19 @@ def test_unknown_section_is_rejected(tmp_path) -> None:
     path.write_text("los:\n  beta: 1\n")
     with pytest.raises(ConfigError, match="unknown section 'los'. Did you mean 'loss'"):
         load_params(path)
+
+
+def test_bare_no_written_by_dvc_exp_run_is_a_string(tmp_path) -> None:
+    """`dvc exp run -S` drops the quotes of "no" (YAML 1.2 writer); it must still read as "no"."""
+    path = tmp_path / "params.yaml"
+    path.write_text("cache: {mixed_precision: no, codec: fp16}\ndata: {download: false}\n")
+    params = load_params(path)
+    assert section(params, "cache").mixed_precision == "no"
+    assert section(params, "data").download is False
+
+
+def test_a_key_set_twice_is_rejected(tmp_path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.05\n")
+    with pytest.raises(ConfigError, match="line 4: key 'lr' is set twice"):
+        load_params(path)
