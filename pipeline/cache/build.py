@@ -13,7 +13,14 @@ import torch
 from pipeline import augment
 from pipeline.artifacts import load_model
 from pipeline.cache.store import CacheError, LogitStore, Provenance
-from pipeline.cache.writer import ShardSource, open_or_create, pending_items, store_lock, write_items
+from pipeline.cache.writer import (
+    ShardSource,
+    open_or_create,
+    pending_items,
+    split_items,
+    store_lock,
+    write_items,
+)
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
 from pipeline.distributed import make_accelerator
@@ -64,7 +71,7 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
         items = pending_items(store)
         # Nobody writes a marker before every rank has read the same list of pending items.
         accelerator.wait_for_everyone()
-        mine = items[accelerator.process_index::accelerator.num_processes]
+        mine = split_items(items, accelerator.process_index, accelerator.num_processes)
         total = prov.views * prov.num_shards
         log.info("rank %d: %d of %d (view, shard) items pending, %d mine", accelerator.process_index,
                  len(items), total, len(mine))
