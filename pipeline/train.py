@@ -98,13 +98,14 @@ def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int) -> N
 
 
 def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any, batch: dict,
-               warm: float, recipe: str, probe_grads: bool) -> tuple[dict[str, torch.Tensor], dict[str, float],
+               warm: float, recipe: str, probe_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float],
                                                                      dict[str, torch.Tensor]]:
     """One optimiser step; returns detached loss terms and gradient norms (device tensors) and stats."""
     device = accelerator.device
     images = batch["image"].to(device, non_blocking=True)
-    if batch["params"].numel():  # augmentation deferred to the batch (stream batch_augment)
-        images = augment.apply_batch(recipe, images, batch["params"].to(device, non_blocking=True))
+    params = batch.get("params")
+    if params is not None and params.numel():  # augmentation deferred to the batch (stream batch_augment)
+        images = augment.apply_batch(recipe, images, params.to(device, non_blocking=True))
     x = to_device_layout(augment.normalize(images, recipe))
     y = batch["label"].to(device, non_blocking=True)
     with accelerator.accumulate(model), accelerator.autocast():
