@@ -1,10 +1,15 @@
 """ImageFolder trees (``<root>/{train,val|test}/<class>/...``), as a directory or an uncompressed
 .tar read in place: member headers are scanned once, then each image is read by offset, so a
 multi-GB archive is never extracted. Tar members get the same checks as shard members.
+
+The train split is written in a seeded, class-mixed order (``mixed_order``): the stream shuffles
+shard order and samples within a shard, so shards cut from a class-sorted listing would give
+single-class batches (CIFAR-10: every 1000-sample shard one class) and SGD would not learn.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tarfile
@@ -166,6 +171,12 @@ def _load_tree(root: Path) -> tuple[Tree, str, dict[str, str | None]]:
     return merged, "tars", {a.name: digest(a) for a in archives}
 
 
+def mixed_order(items: list[RawItem], seed: int) -> list[RawItem]:
+    """``items`` sorted by sha256 of "seed/source name": a class-mixed order that depends only on
+    the file names and the seed (not on numpy's generator, the platform or the listing order)."""
+    return sorted(items, key=lambda item: hashlib.sha256(f"{seed}/{item.name}".encode()).digest())
+
+
 def folder_source(cfg: DataConfig) -> SourcePlan:
     """ImageFolder tree at ``cfg.root``; labels = index in the sorted class folder names."""
     assert cfg.root is not None  # DataConfig.validate requires it for folder sources
@@ -184,8 +195,10 @@ def folder_source(cfg: DataConfig) -> SourcePlan:
         for cls in sorted(tree[d], key=label_of.__getitem__):
             for rel, ref in sorted(tree[d][cls], key=lambda e: e[0]):
                 items.append(RawItem(label=label_of[cls], name=f"{d}/{cls}/{rel}", payload=ref))
-        splits[split] = take_per_class(items, cfg.max_per_class)
+        kept = take_per_class(items, cfg.max_per_class)  # the first N per class, as numbered
+        splits[split] = mixed_order(kept, cfg.split_seed) if split == "train" else kept
     log.info("%s: %d classes, %s", root, len(classes),
              ", ".join(f"{s} {len(items)} images" for s, items in splits.items()))
-    description = describe(cfg, layout=layout, split_dirs=dirs, archives_sha256=archives)
+    description = describe(cfg, layout=layout, split_dirs=dirs, archives_sha256=archives,
+                           train_order=f"sha256('{cfg.split_seed}/' + name)")
     return SourcePlan(classes=classes, channels=3, description=description, splits=splits)
