@@ -29,21 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from bench import experiments_report as report
-from pipeline import augment
 from pipeline.cache.build import build_cache
 from pipeline.config import LossConfig, build_train_config, load_params, section
 from pipeline.data import Manifest, prepare
-from pipeline.losses import compute_loss
-from pipeline.stream import ShardStream, StreamSpec
-from pipeline.student import StudentPaths, build_student, train_student
+from pipeline.student import StudentPaths, train_student
 from pipeline.teacher import run_teacher
 
 REPO = Path(__file__).resolve().parents[1]
-log = logging.getLogger("bench.experiments")
 
 # label -> (group, loss overrides on top of params.yaml `loss:`). Baselines build no head
 # (pipeline.student.build_student); "aekt*" cells are the default and one switch flipped at a time.
@@ -69,15 +63,15 @@ QUICK_METHODS = ("ce", "dkd", "aekt", "aekt_adaptive_none_head_none")
 # A tiny digits pipeline for --quick: ~100 train samples, 2 views, a 2-epoch teacher.
 QUICK_PARAMS = {"data": {"max_per_class": 10, "shard_size": 32}, "augment": {"views": 2},
                 "teacher": {"epochs": 2}, "train": {"epochs": 2}, "loss": {"warmup_epochs": 1}}
-# Real CIFAR-10 JPEGs cut to CPU size: 100 images per class per split, resnet20 -> resnet8, 20 epochs
-# each (the 240-epoch recipe's lr and milestones scaled to 20; warm-up 20/240 of the run ~ 2 epochs).
+# Real CIFAR-10 JPEGs cut to CPU size: 100 images per class per split, resnet20 -> resnet8, 15 epochs
+# each (the 240-epoch recipe's lr and milestones scaled to 15 epochs; warm-up 2 epochs).
 CIFAR10_TINY = {
     "data": {"source": "folder", "name": "cifar10-tiny", "root": str(REPO.parent / "shared/data/cifar10-images"),
              "max_per_class": 100, "shard_size": 100},
     "augment": {"recipe": "cifar", "size": 32, "views": 8},
-    "teacher": {"arch": "resnet20", "epochs": 20, "lr": 0.05, "lr_schedule": "cosine"},
+    "teacher": {"arch": "resnet20", "epochs": 15, "lr": 0.05, "lr_schedule": "cosine"},
     "student": {"arch": "resnet8"}, "loss": {"warmup_epochs": 2},
-    "train": {"recipe": "cifar_240ep", "epochs": 20}}
+    "train": {"recipe": "cifar_240ep", "epochs": 15}}
 DATASETS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...], int]] = {  # overrides, methods, seeds
     "digits": ({}, tuple(METHODS), 5), "cifar10": (CIFAR10_TINY, ("ce", "kd", "dkd", "aekt"), 3)}
 
@@ -143,117 +137,35 @@ def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: 
             "checkpoint": str(out / "ckpt") if keep_checkpoint else None}
 
 
-def probe_batch(stage1: dict[str, Any], params: dict[str, Any], size: int) -> dict[str, torch.Tensor]:
-    """A fixed batch of training images with their cached teacher logits (view 1, seed 0 order)."""
-    aug = section(params, "augment")
-    spec = StreamSpec(manifest_path=Path(stage1["manifest"]), shards_dir=Path(stage1["shards_dir"]),
-                      split="train", recipe=aug.recipe, image_size=aug.size, aug_seed=aug.seed,
-                      views=aug.views, store_path=Path(stage1["store"]))
-    batch = next(iter(DataLoader(ShardStream(spec, epoch=1), batch_size=size)))
-    return {"x": augment.normalize(batch["image"], aug.recipe), "y": batch["label"], "t": batch["teacher"]}
-
-
-def _norm(grads: Sequence[torch.Tensor | None]) -> float:
-    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
-
-
-def term_gradients(model: torch.nn.Module, loss: LossConfig, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Per-term value and gradient norms (body parameters, and the logits the term acts on, ×N so
-    it reads per sample), λ(e)=1. For AEKT also the explicit term at w=1: what DKD would apply."""
-    z_cls, z_kd = model(batch["x"])
-    body, head = model.body_parameters(), model.head_parameters()
-    configs = {"": loss}
-    if loss.name == "aekt" and loss.adaptive == "ratio":
-        configs["@w=1"] = replace(loss, adaptive="none")
-    rows: dict[str, Any] = {}
-    for suffix, cfg in configs.items():
-        out = compute_loss(cfg, z_cls=z_cls, z_kd=z_kd, teacher_logits=batch["t"], targets=batch["y"],
-                           warmup=1.0)
-        for name, term in out.terms.items():
-            if suffix and name != "explicit":
-                continue
-            logits = z_cls if name == "ce" else z_kd
-            rows[name + suffix] = {
-                "value": float(term.detach()),
-                "grad_body": _norm(torch.autograd.grad(term, body, retain_graph=True, allow_unused=True)),
-                "grad_head": _norm(torch.autograd.grad(term, head, retain_graph=True, allow_unused=True))
-                if head and name != "ce" else None,
-                "grad_logits_per_sample": float(torch.autograd.grad(term, logits, retain_graph=True)[0]
-                                                .norm(dim=1).mean() * len(batch["y"]))}
-        if not suffix:
-            rows["stats"] = {k: v for k, v in out.stats.items() if k != "stat/warmup"}
-    rows["train_batch_top1"] = float((z_cls.argmax(1) == batch["y"]).float().mean())
-    return rows
-
-
-def gradient_probe(stage1: dict[str, Any], params: dict[str, Any], cells: list[dict[str, Any]],
-                   batch_size: int) -> dict[str, Any]:
-    """Per-term gradient norms at initialisation and after training (seed-0 checkpoints)."""
-    batch, manifest = probe_batch(stage1, params, batch_size), Manifest.load(Path(stage1["manifest"]))
-    result: dict[str, Any] = {"batch_size": len(batch["y"])}
-    for cell in cells:
-        if not cell.get("checkpoint"):
-            continue
-        cfg = cell_configs(params, METHODS[cell["method"]][1], 0)
-        model = build_student(cfg["student"].arch, manifest, cfg["loss"], seed=0)
-        states = {"init": term_gradients(model, cfg["loss"], batch)}
-        latest = sorted(Path(cell["checkpoint"]).glob("epoch-*"))[-1]
-        model.load_state_dict(load_file(str(latest / "model.safetensors")))
-        states["final"] = term_gradients(model, cfg["loss"], batch)
-        result[cell["method"]] = states
-    return result
-
-
-def set_flags(overrides: dict[str, dict[str, Any]]) -> list[str]:
-    """`dvc exp run -S` flags for overrides; keys params.yaml lacks (recipe defaults) need a "+"."""
-    present = load_params(REPO / "params.yaml")
-    return [f"-S {'' if k in present.get(s, {}) else '+'}{s}.{k}={v}"
-            for s, values in overrides.items() for k, v in values.items()]
-
-
-# PyYAML (YAML 1.1) reads a bare `no` as False; `dvc exp run -S` rewrites params.yaml with ruamel
-# (YAML 1.2), which drops the quotes of "no" but keeps an explicit tag.
-YAML_NO_WORKAROUND = ('mixed_precision: "no"', "mixed_precision: !!str no")
-
-
 def dvc_exp_check(work: Path, overrides: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
-    """Reproduce the (dkd, seed) cell with `dvc exp run` in a git copy of this working tree: first
-    with params.yaml as it is, then (if that fails) with YAML_NO_WORKAROUND applied to the copy."""
+    """Reproduce the (dkd, seed) cell with `dvc exp run` in a fresh git copy of this working tree
+    (stage 1 included: the copy has no dvc.lock), and return its metrics for comparison."""
     repo = work / "dvc-repo"
     shutil.rmtree(repo, ignore_errors=True)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
                            capture_output=True, text=True).stdout.split("\n")
+    skip = ("bench/results/", "docs/", "dvc.lock", "manifests/", "metrics/", "plots/")  # outputs of other runs
     for name in filter(None, files):
-        if (REPO / name).is_file() and not name.startswith(("bench/results/", "docs/", "dvc.lock")):
+        if (REPO / name).is_file() and not name.startswith(skip):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
-    for stale in ("metrics", "plots"):
-        shutil.rmtree(repo / stale, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     git = ["git", "-c", "user.email=exp@local", "-c", "user.name=exp"]
-    command = f"dvc exp run -S loss.name=dkd -S train.seed={seed} {' '.join(set_flags(overrides))}".strip()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    attempts = []
-    for workaround in (False, True):
-        if workaround:
-            text = (repo / "params.yaml").read_text()
-            (repo / "params.yaml").write_text(text.replace(*YAML_NO_WORKAROUND))
-        for cmd in ([*git, "add", "-A"], [*git, "commit", "-qm", "workaround" if workaround else "copy"]):
-            subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
-        start = time.perf_counter()
-        proc = subprocess.run(command.split(), cwd=repo, env=env, capture_output=True, text=True)
-        attempt: dict[str, Any] = {"workaround": workaround, "returncode": proc.returncode,
-                                   "seconds": time.perf_counter() - start}
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith(("Error", "ERROR"))]
-            attempts.append({**attempt, "error": errors[-3:] or proc.stderr[-1000:]})
-            subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=repo, check=True)
-            continue
+    flags = report.set_flags(overrides, present=load_params(REPO / "params.yaml"))
+    command = f"dvc exp run -S loss.name=dkd -S train.seed={seed} {flags}".strip()
+    for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command.split(), cwd=repo, env=env, capture_output=True, text=True)
+    attempt: dict[str, Any] = {"returncode": proc.returncode, "seconds": time.perf_counter() - start}
+    if proc.returncode != 0:
+        attempt["error"] = [ln for ln in proc.stderr.splitlines() if ln.startswith(("Error", "ERROR"))][-3:] \
+            or [proc.stderr[-1000:]]
+    else:
         metrics = json.loads((repo / "metrics/student.json").read_text())
-        attempts.append({**attempt, "final_top1": metrics["final_top1"], "best_top1": metrics["best_top1"],
-                         "teacher_top1": json.loads((repo / "metrics/teacher.json").read_text())["test_top1"]})
-        break
-    return {"command": command, "seed": seed, "attempts": attempts}
+        attempt.update(final_top1=metrics["final_top1"], best_top1=metrics["best_top1"],
+                       teacher_top1=json.loads((repo / "metrics/teacher.json").read_text())["test_top1"])
+    return {"command": command, "seed": seed, "attempts": [attempt]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,17 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default /tmp/aekt-experiments-<dataset>")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/experiments-<dataset>.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs/results.md")
-    parser.add_argument("--plot", type=Path, default=None, help="default docs/results-<dataset>.png")
+    parser.add_argument("--plot", type=Path, default=None, help="default docs/results-<data.name>.png")
     parser.add_argument("--no-dvc-check", action="store_true", help="skip the `dvc exp run` cell check")
     parser.add_argument("--report-only", action="store_true", help="re-render --doc/--plot from --json")
     args = parser.parse_args(argv)
     args.workdir = args.workdir or Path(f"/tmp/aekt-experiments-{args.dataset}")
     args.json = args.json or REPO / f"bench/results/experiments-{args.dataset}.json"
-    args.plot = args.plot or REPO / f"docs/results-{args.dataset}.png"
+    # Named after data.name (digits, cifar10-tiny): docs/results-cifar10.* belong to bench/cifar10_gpu.py.
+    plot_for = lambda params: args.plot or REPO / f"docs/results-{params['data']['name']}.png"  # noqa: E731
     if args.report_only:
         payload = json.loads(args.json.read_text())
         payload.pop("analysis", None)
-        report.write_all(payload, json_path=args.json, doc_path=args.doc, plot_path=args.plot)
+        report.write_all(payload, json_path=args.json, doc_path=args.doc, plot_path=plot_for(payload["params"]))
         return 0
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # as the dvc stages under OMP_NUM_THREADS=1: same floats, fair on a shared CPU
@@ -310,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in seeds:
             cells.append(run_cell(args.workdir, stage1, params, CONTROL, table[CONTROL][1], seed, False))
             print(f"{CONTROL} (alpha {alpha}) seed {seed}: final {cells[-1]['final_top1']:.4f}", flush=True)
-    probe = gradient_probe(stage1, params, cells, batch_size=256)
+    probe = report.gradient_probe(stage1, params, cells, lambda m: cell_configs(params, table[m][1], 0), 256)
     check = not (args.no_dvc_check or args.quick) and args.dataset == "digits"  # the dvc copy runs digits
     dvc = dvc_exp_check(args.workdir, overrides, seed=min(1, seeds[-1])) if check else None
     payload = {"kind": "quick" if args.quick else "full", "dataset": args.dataset,
@@ -322,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "machine": report.machine_info(), "started": started,
                "cpu_s_total": time.process_time() - cpu0 + report.children_cpu_s(),
                "wall_s_total": time.time() - started}
-    report.write_all(payload, json_path=args.json, doc_path=args.doc, plot_path=args.plot)
-    print(f"wrote {args.json}, {args.doc}, {args.plot}")
+    report.write_all(payload, json_path=args.json, doc_path=args.doc, plot_path=plot_for(params))
+    print(f"wrote {args.json}, {args.doc}, {plot_for(params)}")
     return 0
 
 
