@@ -198,9 +198,10 @@ def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(accelerator: Any, model: torch.nn.Module, stream: ShardStream, batch_size: int) -> dict:
+def evaluate(accelerator: Any, model: torch.nn.Module, stream: ShardStream, batch_size: int,
+             workers: int = 0) -> dict:
     logits, labels = predict(accelerator.unwrap_model(model), stream, device=accelerator.device,
-                             batch_size=batch_size)
+                             batch_size=batch_size, workers=workers)
     top5 = np.argsort(-logits, axis=1)[:, :5]
     local = torch.tensor([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
                           len(labels)], dtype=torch.float64, device=accelerator.device)
@@ -224,6 +225,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
                                 fingerprint=job.fingerprint)
         start, job.history = state["epoch"] + 1, state["history"]
     if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         job.model.to(memory_format=torch.channels_last)
         if job.teacher is not None:
             job.teacher.to(memory_format=torch.channels_last)
@@ -237,7 +239,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     log.info("%s: optimising %s", job.desc, describe_loss(job.loss, 1.0))
     for epoch in range(start, sched.epochs + 1):
         row = train_epoch(job, accelerator, model, optimizer, train_stream, epoch)
-        row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size)))
+        row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size), sched.workers))
         job.history.append(row)
         log.info("%s epoch %d: loss %.4f top1 %.4f (%.0f img/s)", job.desc, epoch, row["loss/total"],
                  row["test_top1"], row["img_per_s"])

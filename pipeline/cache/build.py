@@ -77,6 +77,7 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
                  len(items), total, len(mine))
         teacher.to(accelerator.device).eval()
         if accelerator.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
             teacher.to(memory_format=torch.channels_last)
         written = write_items(store, source, teacher, mine, cfg, aug, device=accelerator.device,
                               progress=progress and main)
