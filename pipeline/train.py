@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -253,6 +254,5 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
 
 
 def is_main_process() -> bool:
-    import os
-
+    """Rank 0 of the launched world (before or after Accelerate is set up)."""
     return int(os.environ.get("RANK", "0")) == 0
