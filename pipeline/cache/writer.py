@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -172,7 +171,3 @@ def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module
 def pending_items(store: LogitStore) -> list[tuple[int, int]]:
     mask = store.done_mask()
     return [(int(v), int(s)) for v, s in np.argwhere(~mask)]
-
-
-def env_rank() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
