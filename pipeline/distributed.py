@@ -16,13 +16,18 @@ class LaunchError(RuntimeError):
     """The processes started do not form the world the launcher asked for."""
 
 
+def check_world(seen: int, launched: int, distributed_type: object) -> None:
+    """Raise LaunchError unless Accelerate's world is the one the launcher started."""
+    if seen != launched:
+        raise LaunchError(
+            f"the launcher started {launched} processes but Accelerate sees a world of {seen} "
+            f"(distributed type {distributed_type}); each process would do the whole job. On CPU "
+            "launch with `torchrun --nproc_per_node N`; on GPUs with `accelerate launch --multi_gpu "
+            "--num_processes N`.")
+
+
 def make_accelerator(**kwargs: Any) -> Accelerator:
     accelerator = Accelerator(**kwargs)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise LaunchError(
-            f"the launcher started {launched} processes but Accelerate sees a world of "
-            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); each "
-            "process would do the whole job. On CPU launch with `torchrun --nproc_per_node N`; on GPUs "
-            "with `accelerate launch --multi_gpu --num_processes N`.")
+    check_world(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1")),
+                accelerator.distributed_type)
     return accelerator

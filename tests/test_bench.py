@@ -137,3 +137,10 @@ def test_helpers() -> None:
     assert paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["median"] == 2.0
     assert "a" in format_table(["a", "b"], [[1.5, "x"]])
     assert set(machine_info(torch.device("cpu"))) >= MACHINE_KEYS
+
+
+def test_cli_lists_the_same_benchmarks_as_the_package() -> None:
+    import bench
+    from stages import bench as bench_command
+
+    assert bench_command.BENCHMARKS == bench.BENCHMARKS
