@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import (
@@ -74,3 +76,11 @@ def test_a_key_set_twice_is_rejected(tmp_path) -> None:
     path.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.05\n")
     with pytest.raises(ConfigError, match="line 4: key 'lr' is set twice"):
         load_params(path)
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_preset_is_a_valid_params_file(preset: Path) -> None:
+    params = load_params(preset)
+    for name in ("data", "augment", "teacher", "cache", "student", "loss", "train", "eval"):
+        assert section(params, name) is not None
