@@ -33,7 +33,7 @@ from bench.common import (
     csv_ints,
     csv_strs,
     default_precision,
-    finish,
+    finish_cli,
     format_table,
     interleaved,
     machine_info,
@@ -275,9 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   views=args.views, shard_sizes=args.shard_sizes, topk=args.topk, rounds=args.rounds,
                   batch=args.batch, steps=args.steps, precision=args.precision, threads=args.threads,
                   profile=args.profile)
-    finish(payload, table(payload), name=NAME, device=resolve_device(args.device), out_dir=args.out_dir,
-           write=not args.no_write)
-    return 0
+    return finish_cli(args, payload, table(payload), name=NAME)
 
 
 if __name__ == "__main__":

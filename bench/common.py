@@ -227,6 +227,13 @@ def csv_strs(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def finish_cli(args: Any, payload: dict[str, Any], table: str, *, name: str) -> int:
+    """The end of every benchmark's main(): print, write per the common flags, exit code 0."""
+    finish(payload, table, name=name, device=resolve_device(args.device), out_dir=args.out_dir,
+           write=not args.no_write)
+    return 0
+
+
 def finish(payload: dict[str, Any], table: str, *, name: str, device: torch.device,
            out_dir: Path | None, write: bool) -> Path | None:
     """Print the table and (unless told not to) write the JSON; returns its path."""

@@ -36,7 +36,7 @@ from bench.common import (
     csv_ints,
     csv_strs,
     default_precision,
-    finish,
+    finish_cli,
     format_table,
     linear_fit,
     machine_info,
@@ -235,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   imagenet_codecs=args.imagenet_codecs, imagenet_shard_sizes=args.imagenet_shard_sizes,
                   imagenet_samples=args.imagenet_samples, precision=args.precision, threads=args.threads,
                   profile=args.profile)
-    finish(payload, table(payload), name=NAME, device=resolve_device(args.device), out_dir=args.out_dir,
-           write=not args.no_write)
-    return 0
+    return finish_cli(args, payload, table(payload), name=NAME)
 
 
 if __name__ == "__main__":

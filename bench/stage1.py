@@ -32,7 +32,7 @@ from bench.common import (
     base_parser,
     csv_strs,
     default_precision,
-    finish,
+    finish_cli,
     format_table,
     interleaved,
     machine_info,
@@ -221,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   workers=args.workers,
                   topk=args.topk, rounds=args.rounds, precision=args.precision, threads=args.threads,
                   profile=args.profile)
-    finish(payload, table(payload), name=NAME, device=resolve_device(args.device), out_dir=args.out_dir,
-           write=not args.no_write)
-    return 0
+    return finish_cli(args, payload, table(payload), name=NAME)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from bench.common import (
     csv_ints,
     csv_strs,
     default_precision,
-    finish,
+    finish_cli,
     format_table,
     interleaved,
     machine_info,
@@ -224,9 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = run(device=args.device, pairs=args.pairs, batches=args.batch, steps=args.steps,
                   warmup=args.warmup, rounds=args.rounds, data_on=args.data_on, precision=args.precision,
                   threads=args.threads, profile=args.profile)
-    finish(payload, table(payload), name=NAME, device=resolve_device(args.device), out_dir=args.out_dir,
-           write=not args.no_write)
-    return 0
+    return finish_cli(args, payload, table(payload), name=NAME)
 
 
 if __name__ == "__main__":
