@@ -32,15 +32,13 @@ from bench.common import (
     base_parser,
     csv_ints,
     csv_strs,
-    default_precision,
     finish_cli,
     format_table,
     interleaved,
     machine_info,
     paired_ratio,
+    prepare_run,
     profile_top,
-    resolve_device,
-    set_threads,
     summary,
 )
 from bench.student_step import DEFAULTS, PAIRS, StepRig, bench_accelerator
@@ -224,9 +222,7 @@ def run(*, device: str = "cpu", classes: Sequence[int] = (10, 100, 1000),
         shard_sizes: Sequence[int] = (128, 1024), topk: int = 20, rounds: int = 3,
         batch: int | None = None, steps: int | None = None, precision: str | None = None,
         threads: int | None = None, profile: bool = False, workdir: Path | None = None) -> dict[str, Any]:
-    dev = resolve_device(device)
-    set_threads(threads, dev)
-    precision = precision or default_precision(dev)
+    dev, precision = prepare_run(device, threads, precision)
     accelerator = bench_accelerator(dev, precision)
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-read-", dir=workdir))
     try:

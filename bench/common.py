@@ -227,6 +227,13 @@ def csv_strs(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def prepare_run(device: str, threads: int | None, precision: str | None) -> tuple[torch.device, str]:
+    """The start of every benchmark's run(): the device, its thread count, and the precision."""
+    dev = resolve_device(device)
+    set_threads(threads, dev)
+    return dev, precision or default_precision(dev)
+
+
 def finish_cli(args: Any, payload: dict[str, Any], table: str, *, name: str) -> int:
     """The end of every benchmark's main(): print, write per the common flags, exit code 0."""
     finish(payload, table, name=name, device=resolve_device(args.device), out_dir=args.out_dir,

@@ -35,15 +35,13 @@ from bench.common import (
     base_parser,
     csv_ints,
     csv_strs,
-    default_precision,
     finish_cli,
     format_table,
     linear_fit,
     machine_info,
     memory_format,
+    prepare_run,
     profile_top,
-    resolve_device,
-    set_threads,
     timed,
 )
 from bench.stage1 import make_store, prepare_dataset
@@ -170,9 +168,7 @@ def run(*, device: str = "cpu", samples: Sequence[int] = (340, 680, 1347), views
         imagenet_views: Sequence[int] = (10, 100), imagenet_shard_sizes: Sequence[int] = (128, 1024),
         imagenet_samples: int = 2048, topk: int = 20, precision: str | None = None,
         threads: int | None = None, profile: bool = False, workdir: Path | None = None) -> dict[str, Any]:
-    dev = resolve_device(device)
-    set_threads(threads, dev)
-    precision = precision or default_precision(dev)
+    dev, precision = prepare_run(device, threads, precision)
     accelerator = bench_accelerator(dev, precision)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir=workdir))
     try:

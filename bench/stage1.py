@@ -31,16 +31,14 @@ from torch.utils.data import DataLoader
 from bench.common import (
     base_parser,
     csv_strs,
-    default_precision,
     finish_cli,
     format_table,
     interleaved,
     machine_info,
     memory_format,
     paired_ratio,
+    prepare_run,
     profile_top,
-    resolve_device,
-    set_threads,
     summary,
     timed,
 )
@@ -111,9 +109,7 @@ def run(*, device: str = "cpu", dataset: str = "digits", codecs: Sequence[str] =
         views: int = 4, samples: int | None = None, shard_size: int = 128, batch_size: int = 256,
         workers: int = 0, topk: int | None = None, rounds: int = 3, precision: str | None = None,
         threads: int | None = None, profile: bool = False, workdir: Path | None = None) -> dict[str, Any]:
-    dev = resolve_device(device)
-    set_threads(threads, dev)
-    precision = precision or default_precision(dev)
+    dev, precision = prepare_run(device, threads, precision)
     arch, recipe = DATASETS[dataset]
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage1-", dir=workdir))
     try:

@@ -26,16 +26,14 @@ from bench.common import (
     base_parser,
     csv_ints,
     csv_strs,
-    default_precision,
     finish_cli,
     format_table,
     interleaved,
     machine_info,
     memory_format,
     paired_ratio,
+    prepare_run,
     profile_top,
-    resolve_device,
-    set_threads,
     summary,
 )
 from pipeline import augment
@@ -176,9 +174,7 @@ def run(*, device: str = "cpu", pairs: Sequence[str] = ("digits", "cifar"),
         rounds: int = 3,
         data_on: Sequence[str] | None = None, precision: str | None = None, threads: int | None = None,
         profile: bool = False) -> dict[str, Any]:
-    dev = resolve_device(device)
-    set_threads(threads, dev)
-    precision = precision or default_precision(dev)
+    dev, precision = prepare_run(device, threads, precision)
     accelerator = bench_accelerator(dev, precision)
     data_on = list(data_on or (["device", "host"] if dev.type == "cuda" else ["device"]))
     results = []
