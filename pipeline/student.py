@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,8 +89,6 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
         fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
         desc=f"student[{loss.name}]")
-    if not resume and is_main_process():
-        shutil.rmtree(paths.ckpt_dir, ignore_errors=True)
     model, history = fit(job)
     final, best = history[-1], max(history, key=lambda r: r["test_top1"])
     metrics = {"final_top1": final["test_top1"], "final_top5": final["test_top5"],
