@@ -5,14 +5,14 @@ from pathlib import Path
 
 import click
 
-from stages.common import stage
+from pipeline.artifacts import write_json_atomic
+from stages.common import MANIFEST_OPTION, SHARDS_OPTION, stage
 
 
 @click.command("inspect")
 @click.argument("store_path", metavar="STORE", type=click.Path())
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Manifest the store was built from (labels, class names): manifests/<name>.json.")
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False))
+@MANIFEST_OPTION
+@SHARDS_OPTION
 @click.option("--tau", default=1.0, show_default=True, help="Temperature for p_t, calibration and entropy.")
 @click.option("--class", "classes", multiple=True, metavar="NAME_OR_INDEX",
               help="Only samples of this class (repeatable; a name wins over an index).")
@@ -26,10 +26,12 @@ from stages.common import stage
 @click.option("--plots", "plots_dir", default="plots/inspect", show_default=True,
               type=click.Path(file_okay=False), help="Folder for the PNGs and per_class_confidence.csv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
+@click.option("--json-out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the JSON report to this file (atomically: a failed run leaves no partial file).")
 @stage
 def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, classes: tuple[str, ...],
          views: tuple[int, ...], max_shards: int | None, student_path: str | None, eval_path: str | None,
-         plots_dir: str, as_json: bool) -> None:
+         plots_dir: str, as_json: bool, json_out: str | None) -> None:
     """Teacher confidence report of the finished rows of STORE: per-class p_t, accuracy, ECE,
     non-target entropy, confused pairs and agreement across views, plus PNG plots and a CSV."""
     from pipeline.inspect_cache import inspect_store
@@ -41,4 +43,6 @@ def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, class
                            shards_dir=Path(shards_dir), tau=tau, classes=classes, views=views,
                            max_shards=max_shards, student_path=student_path and Path(student_path),
                            eval_path=eval_path and Path(eval_path), plots_dir=Path(plots_dir))
+    if json_out:
+        write_json_atomic(json_out, report)
     click.echo(json.dumps(report, indent=2) if as_json else format_text(report))
