@@ -18,18 +18,18 @@ from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
 from pipeline.reports import write_metrics  # noqa: E402
 from pipeline.stream import ShardStream, StreamSpec  # noqa: E402
-from pipeline.train import predict  # noqa: E402
+from pipeline.train import predict, topk_hits  # noqa: E402
 
 
 def accuracy_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], top_k: int) -> dict:
-    ranked = np.argsort(-logits, axis=1)
     k = min(top_k, logits.shape[1])
+    hits = topk_hits(logits, labels, (1, k))
     per_class = {}
     for c, name in enumerate(classes):
         mask = labels == c
-        per_class[name] = float((ranked[mask, 0] == c).mean()) if mask.any() else None
-    return {"top1": float((ranked[:, 0] == labels).mean()),
-            f"top{k}": float((ranked[:, :k] == labels[:, None]).any(1).mean()),
+        per_class[name] = float(hits[1][mask].mean()) if mask.any() else None
+    return {"top1": float(hits[1].mean()),
+            f"top{k}": float(hits[k].mean()),
             "num_samples": int(len(labels)), "per_class_top1": per_class}
 
 

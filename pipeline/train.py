@@ -200,13 +200,19 @@ def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
+def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """For each k: bool ``[n]``, whether the label is among the k largest logits (k capped at C)."""
+    ranked = np.argsort(-logits, axis=1)[:, :max(ks)]
+    return {k: (ranked[:, :k] == labels[:, None]).any(1) for k in ks}
+
+
 def evaluate(accelerator: Any, model: torch.nn.Module, stream: ShardStream, batch_size: int,
              workers: int = 0) -> dict:
     logits, labels = predict(accelerator.unwrap_model(model), stream, device=accelerator.device,
                              batch_size=batch_size, workers=workers)
-    top5 = np.argsort(-logits, axis=1)[:, :5]
-    local = torch.tensor([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
-                          len(labels)], dtype=torch.float64, device=accelerator.device)
+    hits = topk_hits(logits, labels, (1, 5))
+    local = torch.tensor([hits[1].sum(), hits[5].sum(), len(labels)], dtype=torch.float64,
+                         device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum")
     return {"test_top1": float(total[0] / total[2]), "test_top5": float(total[1] / total[2])}
 

@@ -91,14 +91,19 @@ def test_aekt_without_adaptation_equals_dkd_exactly(seed, alpha, beta, tau):
     assert torch.equal(grad(aekt, s), grad(dkd, s))
 
 
+def target_split(s, t, y, tau):
+    """Student/teacher probabilities at tau, the target mask, and each row's p_t as a column."""
+    p_s, p_t = probs(s, tau), probs(t, tau)
+    mask = torch.nn.functional.one_hot(y, C).bool()
+    return p_s, p_t, mask, p_s[mask][:, None], p_t[mask][:, None]
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("tau", TAUS)
 def test_nckd_gradient_closed_form(seed, tau):
     s, t, y = make(seed)
     g = grad(nckd(s, t, y, tau=tau, reduction="none").sum(), s)
-    p_s, p_t = probs(s, tau), probs(t, tau)
-    mask = torch.nn.functional.one_hot(y, C).bool()
-    pt_s, pt_t = p_s[mask][:, None], p_t[mask][:, None]
+    p_s, p_t, mask, pt_s, pt_t = target_split(s, t, y, tau)
     q_s, q_t = (p_s / (1 - pt_s)).masked_fill(mask, 0), (p_t / (1 - pt_t)).masked_fill(mask, 0)
     torch.testing.assert_close(g, tau * (q_s - q_t))
     r = (1 - pt_s) / (1 - pt_t)
@@ -111,9 +116,7 @@ def test_nckd_gradient_closed_form(seed, tau):
 def test_tckd_gradient_closed_form(seed, tau):
     s, t, y = make(seed)
     g = grad(tckd(s, t, y, tau=tau, reduction="none").sum(), s)
-    p_s, p_t = probs(s, tau), probs(t, tau)
-    mask = torch.nn.functional.one_hot(y, C).bool()
-    pt_s, pt_t = p_s[mask][:, None], p_t[mask][:, None]
+    p_s, p_t, mask, pt_s, pt_t = target_split(s, t, y, tau)
     expected = torch.where(mask, tau * (pt_s - pt_t), tau * p_s / (1 - pt_s) * (pt_t - pt_s))
     torch.testing.assert_close(g, expected)
 
