@@ -13,6 +13,13 @@ then the cached-vs-online timing, then the four losses, so the speed ratio survi
     python -m bench.cifar10_gpu --tiny                 # CPU smoke run: 20 img/class, 1-2 epochs
     python -m bench.cifar10_gpu --preset presets/cifar10-cpu.yaml --losses aekt --tag cifar10-cpu-reduced
     python -m bench.cifar10_gpu --render-only          # re-render docs/results-cifar10.md from the JSONs
+    python -m bench.cifar10_gpu --budget-s 500 --teacher-epochs 30 --student-epochs 15   # sized to a budget
+
+With ``--budget-s`` the epoch counts are caps and the schedule is sized to the wall-clock budget
+from measurements of this run: a one-epoch teacher probe sets the teacher's epochs (a
+``--teacher-share`` of the budget), and after the cached-vs-online runs the students' epochs are
+the most that lets every loss finish in what is left (their start-up and evaluation included).
+Each chosen number and the measurement behind it is saved in the JSON (``schedule``).
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ import torch
 import yaml
 
 from bench.cifar10_report import render, summary_text
-from bench.common import RESULTS_DIR, machine_info
+from bench.common import RESULTS_DIR, git_state, machine_info
 from pipeline.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO / "docs" / "results-cifar10.md"
 LOSSES = ("ce", "kd", "dkd", "aekt")
+RENDER_RESERVE_S = 15.0  # what --budget-s keeps back for the last save and the page render
 # Per-loss settings on top of the preset's `loss` section (docs/aekt.md, CIFAR rows): KD is the
 # Hinton recipe (CE 0.1 + KD 0.9, no warm-up); DKD and AEKT keep tau 4, alpha 1, beta 8, warm-up.
 LOSS_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -68,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timing-epochs", type=int, default=None, help="epochs per cached/online run (default 3)")
     p.add_argument("--timing-rounds", type=int, default=None, help="ABBA rounds of cached/online (default 1)")
     p.add_argument("--losses", default=",".join(LOSSES), help=f"comma list from {LOSSES}")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="size the teacher and student epochs (then caps) to this many wall seconds")
+    p.add_argument("--teacher-share", type=float, default=0.3, help="share of --budget-s for the teacher")
     p.add_argument("--workers", type=int, default=12 if cuda else 0, help="DataLoader workers, every stage")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="bf16" if cuda else "no",
                    help="teacher/student autocast (the cache stage keeps the preset's: fp32 logits)")
@@ -112,10 +123,35 @@ def base_params(args: argparse.Namespace) -> dict[str, Any]:
     params["cache"]["workers"] = args.workers
     # Keep the preset's warm-up share of the schedule (20 of 240 epochs in the AEKT recipe).
     share = params["loss"]["warmup_epochs"] / train["epochs"]
+    args.warmup_share = share
     params["loss"]["warmup_epochs"] = round(share * args.student_epochs, 2)
     train.update(epochs=args.student_epochs, workers=args.workers, mixed_precision=args.precision,
                  checkpoint_every=0)
     return params
+
+
+def student_params(base: dict[str, Any], args: argparse.Namespace, loss: str, epochs: int) -> dict[str, Any]:
+    """``base`` with one loss's settings and ``epochs`` student epochs (warm-up scaled with them)."""
+    params = json.loads(json.dumps(base))
+    params["loss"].update(LOSS_OVERRIDES[loss])
+    params["loss"]["warmup_epochs"] = round(args.warmup_share * epochs, 2)
+    params["train"]["epochs"] = epochs
+    return params
+
+
+def fit_epochs(left_s: float, runs: int, epoch_s: float, overhead_s: float, measured_epochs: int,
+               cap: int) -> int:
+    """Most epochs (1..cap) for which ``runs`` runs fit in ``left_s`` seconds.
+
+    One run of E epochs is estimated as E * epoch_s (training loop) + overhead_s * max(1, E /
+    measured_epochs), where overhead_s (start-up plus per-epoch evaluation) was measured over a
+    run of ``measured_epochs``: scaling all of it with E over-counts the start-up, so the estimate
+    errs long."""
+    best = 1
+    for epochs in range(1, cap + 1):
+        if runs * (epochs * epoch_s + overhead_s * max(1.0, epochs / measured_epochs)) <= left_s:
+            best = epochs
+    return best
 
 
 class Runner:
@@ -123,8 +159,11 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.work = args, args.work_dir
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1",
-                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.start = time.perf_counter()
+        # `python -m stages.cli` from this interpreter: the same code as the `aekt` entry point,
+        # also on a machine where the package is on PYTHONPATH but not pip-installed.
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         if args.threads:
             self.env["OMP_NUM_THREADS"] = str(args.threads)
         self.result: dict[str, Any] = {"tag": args.tag, "steps": {}, "students": {}}
@@ -137,7 +176,8 @@ class Runner:
     def stage(self, step: str, argv: list[str]) -> tuple[float, str]:
         """(wall seconds, stdout) of `aekt ARGV`; its output goes to logs/STEP.log."""
         start = time.perf_counter()
-        proc = subprocess.run(["aekt", *argv], cwd=self.work, env=self.env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "stages.cli", *argv], cwd=self.work, env=self.env,
+                              capture_output=True, text=True)
         seconds = time.perf_counter() - start
         (self.work / "logs").mkdir(exist_ok=True)
         (self.work / "logs" / f"{step}.log").write_text(proc.stdout + proc.stderr)
@@ -148,8 +188,11 @@ class Runner:
                              f"{proc.stderr[-3000:]}")
         out = proc.stdout.strip()
         last = "(JSON report)" if out.endswith("}") else (out.splitlines()[-1] if out else "")
-        print(f"{step}: {seconds:.1f}s  {last[:150]}", flush=True)
+        print(f"{step}: {seconds:.1f}s (at {self.elapsed():.0f}s)  {last[:150]}", flush=True)
         return seconds, proc.stdout
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     def save(self) -> Path:
         self.args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,18 +228,22 @@ def cached_vs_online(r: Runner, base: dict[str, Any], common: list[str]) -> dict
     order = [m for i in range(a.timing_rounds)
              for m in (("cached", "online") if i % 2 == 0 else ("online", "cached"))]
     times: dict[str, list[float]] = {"cached": [], "online": []}
+    walls: dict[str, list[float]] = {"cached": [], "online": []}
     for i, mode in enumerate(order):
-        params = json.loads(json.dumps(base))
-        params["loss"].update(LOSS_OVERRIDES["aekt"])
-        params["train"].update(epochs=a.timing_epochs, teacher=mode)
-        epochs = student_run(r, f"timing{i}-{mode}", params, common)["epoch_s"]
+        params = student_params(base, a, "aekt", a.timing_epochs)
+        params["train"]["teacher"] = mode
+        run = student_run(r, f"timing{i}-{mode}", params, common)
+        epochs = run["epoch_s"]
         times[mode] += epochs[1:] if len(epochs) > 1 else epochs
+        walls[mode].append(run["wall_s"] - sum(epochs))
         r.result["cached_vs_online"] = {"order": order[:i + 1], **times}
         r.save()
     cached, online = statistics.median(times["cached"]), statistics.median(times["online"])
     return {"order": order, "epochs_per_run": a.timing_epochs, "cached_epoch_s": times["cached"],
             "online_epoch_s": times["online"], "cached_median_s": cached, "online_median_s": online,
-            "online_over_cached": round(online / cached, 3)}
+            "online_over_cached": round(online / cached, 3),
+            # wall seconds of a cached run outside its training loops (start-up + evaluations)
+            "cached_overhead_s": round(max(walls["cached"]), 2)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,20 +264,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "student": base["student"]["arch"], "views": base["augment"]["views"],
                   "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs,
                   "max_per_class": base["data"]["max_per_class"], "shard_size": base["data"]["shard_size"],
-                  # The trainer and stage 1 switch to channels_last on CUDA by themselves
-                  # (pipeline/train.py); none of them sets cudnn.benchmark.
-                  "channels_last": args.device == "cuda", "cudnn_benchmark": False},
-        params=base, uncommitted=_uncommitted())
+                  # The trainer and stage 1 switch to channels_last and cudnn.benchmark on CUDA by
+                  # themselves (pipeline/train.py, pipeline/cache/build.py).
+                  "channels_last": args.device == "cuda", "cudnn_benchmark": args.device == "cuda",
+                  "budget_s": args.budget_s},
+        params=base, uncommitted=_uncommitted(), schedule={})
     stage1(r, base, manifest, store)
     common = ["--manifest", manifest, "--shards-dir", "data/shards", "--teacher", "models/teacher.safetensors",
               "--store", store]
+    epochs = args.student_epochs
     if args.timing_rounds:
-        r.result["cached_vs_online"] = cached_vs_online(r, base, common)
+        timing = r.result["cached_vs_online"] = cached_vs_online(r, base, common)
         r.save()
+        if args.budget_s and args.losses:
+            left = args.budget_s - r.elapsed() - RENDER_RESERVE_S
+            epochs = fit_epochs(left, len(args.losses), timing["cached_median_s"], timing["cached_overhead_s"],
+                                args.timing_epochs, args.student_epochs)
+            r.result["schedule"]["student"] = {
+                "left_s": round(left, 1), "epoch_s": timing["cached_median_s"],
+                "overhead_s": timing["cached_overhead_s"], "epochs": epochs}
+            r.result["settings"]["student_epochs"] = epochs
+            print(f"schedule: {epochs} student epochs x {len(args.losses)} losses in {left:.0f}s left", flush=True)
     for loss in args.losses:
-        params = json.loads(json.dumps(base))
-        params["loss"].update(LOSS_OVERRIDES[loss])
-        r.result["students"][loss] = student_run(r, loss, params, common)
+        r.result["students"][loss] = student_run(r, loss, student_params(base, args, loss, epochs), common)
         r.save()
     path = r.save()
     print(summary_text(r.result))
@@ -249,9 +305,27 @@ def stage1(r: Runner, base: dict[str, Any], manifest: str, store: str) -> None:
     steps["prepare"] = {"wall_s": round(wall, 2), "samples": {s: v["num_samples"] for s, v in splits.items()}}
     r.save()
 
-    wall, _ = r.stage("teacher", ["teacher", "--params", p0, "--manifest", manifest, *shards, "--out",
-                                  "models/teacher.safetensors", "--metrics", "metrics/teacher.json",
-                                  "--history", "plots/teacher.csv", "--no-progress"])
+    def teacher_argv(tag: str, params_name: str) -> list[str]:
+        return ["teacher", "--params", params_name, "--manifest", manifest, *shards, "--out",
+                f"models/{tag}.safetensors", "--metrics", f"metrics/{tag}.json", "--history",
+                f"plots/{tag}.csv", "--no-progress"]
+
+    if r.args.budget_s:  # size the teacher schedule from one measured epoch on this machine
+        probe = json.loads(json.dumps(base))
+        probe["teacher"]["epochs"] = 1
+        wall, _ = r.stage("teacher-probe", teacher_argv("teacher-probe", r.params_file("probe", probe)))
+        epoch_s = epoch_seconds(r.work / "plots/teacher-probe.csv")[0]
+        steps["teacher-probe"] = {"wall_s": round(wall, 2), "epoch_s": epoch_s}
+        budget = r.args.teacher_share * r.args.budget_s
+        epochs = fit_epochs(budget, 1, epoch_s, wall - epoch_s, 1, r.args.teacher_epochs)
+        base["teacher"]["epochs"] = r.args.teacher_epochs = epochs
+        r.result["settings"]["teacher_epochs"] = epochs
+        r.result["schedule"]["teacher"] = {"budget_s": round(budget, 1), "probe_wall_s": round(wall, 2),
+                                           "probe_epoch_s": epoch_s, "epochs": epochs}
+        p0 = r.params_file("base", base)
+        print(f"schedule: {epochs} teacher epochs in {budget:.0f}s (probe epoch {epoch_s:.1f}s)", flush=True)
+
+    wall, _ = r.stage("teacher", teacher_argv("teacher", p0))
     teacher = json.loads((r.work / "metrics/teacher.json").read_text())
     steps["teacher"] = {"wall_s": round(wall, 2), "test_top1": teacher["test_top1"], "epochs": teacher["epochs"],
                         "epoch_s": epoch_seconds(r.work / "plots/teacher.csv")}
@@ -274,9 +348,15 @@ def stage1(r: Runner, base: dict[str, Any], manifest: str, store: str) -> None:
 
 def _uncommitted() -> list[str]:
     """Library files that differ from the commit machine_info names (empty: the commit is the code)."""
-    proc = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "stages"],
-                          cwd=REPO, capture_output=True, text=True)
-    return [line[3:] for line in proc.stdout.splitlines()] if proc.returncode == 0 else ["(git status failed)"]
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "stages"],
+                              cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        proc = None
+    if proc is not None and proc.returncode == 0:
+        return [line[3:] for line in proc.stdout.splitlines()]
+    # A copy without .git (the GPU machine): trust only the sender's AEKT_GIT_CLEAN (bench/device_session.sh).
+    return [] if git_state()["code_modified_since_commit"] is False else ["(no git: unknown)"]
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -44,6 +44,8 @@ def _step_note(name: str, s: dict[str, Any]) -> str:
         return ", ".join(f"{k} {v}" for k, v in s["samples"].items()) + " JPEGs -> shards"
     if name == "teacher":
         return f"{s['epochs']} epoch(s), test top-1 {s['test_top1']:.4f}, epoch {_median(s['epoch_s']):.1f}s"
+    if name == "teacher-probe":
+        return f"1-epoch teacher run that sizes the schedule (epoch {s['epoch_s']:.1f}s)"
     if name == "cache":
         return f"{s['samples_written']} sample-views in {s['seconds']:.1f}s, {sum(s['disk_bytes'].values())} B"
     if name == "verify":
@@ -76,6 +78,14 @@ def render(result_dirs: list[Path], out: Path) -> None:
                   f"{m.get('date')}; commit {m.get('git_commit')}",
                   f"- command: `{res.get('command')}` (preset `{res.get('preset')}`); JSON: `bench/results/{name}`",
                   f"- settings: {json.dumps(res.get('settings'))}", ""]
+        sched = res.get("schedule") or {}
+        if sched:
+            t, st = sched.get("teacher", {}), sched.get("student", {})
+            lines += [f"- schedule sized to `--budget-s {res['settings'].get('budget_s')}` from this run's own "
+                      f"measurements: teacher {t.get('epochs')} epochs ({t.get('budget_s')} s share, one-epoch "
+                      f"probe {t.get('probe_epoch_s')} s); students {st.get('epochs')} epochs each "
+                      f"({st.get('left_s')} s left after the timing runs, cached epoch {st.get('epoch_s')} s, "
+                      f"start-up + evaluation {st.get('overhead_s')} s per run)", ""]
         if "failed" in res:
             lines += [f"**Failed at step {res['failed']['step']}**; partial numbers below.", ""]
         lines += ["```", summary_text(res), "```", ""]

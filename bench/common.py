@@ -168,10 +168,24 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
         "numpy": np.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        # Uncommitted edits to the measured code mean the commit alone does not reproduce the numbers.
-        "code_modified_since_commit": bool(_git("status", "--porcelain", "--", "pipeline", "stages", "bench/*.py")),
+        **git_state(),
     }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured and whether the measured code differs from it.
+
+    A copy of the working tree without .git (the GPU machine gets one) names its commit in
+    AEKT_GIT_COMMIT, and AEKT_GIT_CLEAN=1 when the copy was made from a clean tree; otherwise
+    the commit is unknown (None) rather than guessed."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is not None:
+        # Uncommitted edits to the measured code mean the commit alone does not reproduce the numbers.
+        dirty = _git("status", "--porcelain", "--", "pipeline", "stages", "bench/*.py")
+        return {"git_commit": commit, "code_modified_since_commit": bool(dirty)}
+    commit = os.environ.get("AEKT_GIT_COMMIT") or None
+    clean = os.environ.get("AEKT_GIT_CLEAN") == "1"
+    return {"git_commit": commit, "code_modified_since_commit": False if commit and clean else None}
 
 
 def _jsonable(obj: Any) -> Any:
