@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest, store = f"manifests/{name}.json", f"cache/{name}-{arch}.zarr"
     preset = args.preset.resolve()
     r.result.update(
-        kind="gpu" if args.device == "cuda" else ("cpu-smoke" if args.tiny else "cpu"),
+        kind=("gpu" if args.device == "cuda" else "cpu") + ("-smoke" if args.tiny else ""),
         machine=machine_info(torch.device(args.device)),
         preset=str(preset.relative_to(REPO)) if preset.is_relative_to(REPO) else str(preset),
         command=" ".join(["python -m bench.cifar10_gpu", *(sys.argv[1:] if args.argv is None else args.argv)]),
@@ -348,15 +348,17 @@ def stage1(r: Runner, base: dict[str, Any], manifest: str, store: str) -> None:
 
 def _uncommitted() -> list[str]:
     """Library files that differ from the commit machine_info names (empty: the commit is the code)."""
+    state = git_state()  # the sender's word first on a copied tree (bench/device_session.sh)
+    if state["code_modified_since_commit"] is False:
+        return []
     try:
         proc = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "stages"],
                               cwd=REPO, capture_output=True, text=True)
     except OSError:
-        proc = None
-    if proc is not None and proc.returncode == 0:
-        return [line[3:] for line in proc.stdout.splitlines()]
-    # A copy without .git (the GPU machine): trust only the sender's AEKT_GIT_CLEAN (bench/device_session.sh).
-    return [] if git_state()["code_modified_since_commit"] is False else ["(no git: unknown)"]
+        return ["(no git: unknown)"]
+    if proc.returncode != 0:
+        return ["(no git: unknown)"]
+    return [line[3:] for line in proc.stdout.splitlines()]
 
 
 def _terminated(signum: int, frame: Any) -> None:

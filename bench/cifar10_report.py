@@ -14,6 +14,7 @@ KIND_LABEL = {
     "gpu": "GPU run",
     "cpu": "CPU run — CPU numbers, not GPU results",
     "cpu-smoke": "CPU smoke run (`--tiny`) — proves the script runs end to end; NOT a result",
+    "gpu-smoke": "GPU smoke run (`--tiny`, 20 images/class) — proves every stage runs on CUDA; NOT a result",
 }
 
 
@@ -52,6 +53,35 @@ def _step_note(name: str, s: dict[str, Any]) -> str:
         return (f"ok={s['ok']}, {s['checked']} views, max |dlogit| {s['max_abs_logit_error']:.2g}, "
                 f"params replayable={s['params_replayable']}")
     return ""
+
+
+def findings(res: dict[str, Any]) -> list[str]:
+    """What a reader should take from a run, computed from its numbers (empty for smoke runs)."""
+    if res.get("kind") not in ("gpu", "cpu"):
+        return []
+    out = []
+    teacher, students = res["steps"].get("teacher"), res["students"]
+    ce = students.get("ce")
+    if teacher and ce and teacher["test_top1"] <= ce["final_top1"]:
+        out.append(f"- The teacher ({teacher['epochs']} epochs, {teacher['test_top1']:.1%}) is weaker than the "
+                   f"student trained alone (CE {ce['final_top1']:.1%}): distilling from it pulls the "
+                   "students towards its mistakes, so KD/DKD/AEKT below CE says nothing about the losses, "
+                   "only that this teacher schedule was too short.")
+    elif teacher and ce:
+        best = max(students.items(), key=lambda kv: kv[1]["final_top1"])
+        out.append(f"- Teacher {teacher['test_top1']:.1%}; best student {best[0]} {best[1]['final_top1']:.1%} "
+                   f"vs CE {ce['final_top1']:.1%} (one seed: differences under ~0.5 pp are noise).")
+    if ce:
+        for loss, s in students.items():
+            if s["teacher_mode"] == "cached":
+                out.append(f"- Cached {loss} epoch {_median(s['epoch_s']):.2f} s vs CE {_median(ce['epoch_s']):.2f} s: "
+                           f"CE/cached throughput ratio {_median(ce['epoch_s']) / _median(s['epoch_s']):.2f} "
+                           "(1.0 = the cached teacher is free).")
+    cvo = res.get("cached_vs_online", {})
+    if "online_over_cached" in cvo:
+        out.append(f"- An online teacher makes the AEKT student epoch {cvo['online_over_cached']:.2f}x as long as "
+                   "reading the cached logits, on the same machine in the same run.")
+    return [*out, ""] if out else []
 
 
 def render(result_dirs: list[Path], out: Path) -> None:
@@ -93,6 +123,7 @@ def render(result_dirs: list[Path], out: Path) -> None:
         if "online_over_cached" in cvo:
             lines += [f"Cached vs online, every measured epoch (s), runs in the order {', '.join(cvo['order'])}: "
                       f"cached {cvo['cached_epoch_s']}, online {cvo['online_epoch_s']}.", ""]
+        lines += findings(res)
         if res.get("uncommitted"):
             lines += [f"Measured with uncommitted changes to: {', '.join(res['uncommitted'])}.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -175,17 +175,19 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def git_state() -> dict[str, Any]:
     """The commit measured and whether the measured code differs from it.
 
-    A copy of the working tree without .git (the GPU machine gets one) names its commit in
-    AEKT_GIT_COMMIT, and AEKT_GIT_CLEAN=1 when the copy was made from a clean tree; otherwise
-    the commit is unknown (None) rather than guessed."""
-    commit = _git("rev-parse", "--short", "HEAD")
-    if commit is not None:
-        # Uncommitted edits to the measured code mean the commit alone does not reproduce the numbers.
-        dirty = _git("status", "--porcelain", "--", "pipeline", "stages", "bench/*.py")
-        return {"git_commit": commit, "code_modified_since_commit": bool(dirty)}
+    A copy of the working tree sent to another machine names its commit in AEKT_GIT_COMMIT, and
+    AEKT_GIT_CLEAN=1 when it was sent from a clean tree (bench/device_session.sh): the sender's
+    word wins, because such a copy may hold no .git or a stale one (the GPU machine's did)."""
     commit = os.environ.get("AEKT_GIT_COMMIT") or None
-    clean = os.environ.get("AEKT_GIT_CLEAN") == "1"
-    return {"git_commit": commit, "code_modified_since_commit": False if commit and clean else None}
+    if commit is not None:
+        return {"git_commit": commit,
+                "code_modified_since_commit": False if os.environ.get("AEKT_GIT_CLEAN") == "1" else None}
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "code_modified_since_commit": None}
+    # Uncommitted edits to the measured code mean the commit alone does not reproduce the numbers.
+    dirty = _git("status", "--porcelain", "--", "pipeline", "stages", "bench/*.py")
+    return {"git_commit": commit, "code_modified_since_commit": bool(dirty)}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -58,22 +58,36 @@ def target_mask(targets: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(targets.long(), num_classes).bool()
 
 
-def binary_log_probs(logp: Tensor, mask: Tensor) -> Tensor:
-    """log b = [log p_t, log(1 - p_t)] from full log-probabilities: ``[N, C] -> [N, 2]``."""
-    log_pt = logp.masked_fill(~mask, 0.0).sum(dim=1)  # [N]
-    log_rest = torch.logsumexp(logp.masked_fill(mask, -math.inf), dim=1)  # [N], log(1 - p_t)
-    return torch.stack([log_pt, log_rest], dim=1)
+def decompose(logits: Tensor, mask: Tensor, tau: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(log b, log p̂) of softmax(z / τ) from one log-softmax: ``[N, C] -> ([N, 2], [N, C])``.
 
-
-def nontarget_log_probs(logits: Tensor, mask: Tensor, tau: float, dtype: torch.dtype) -> Tensor:
-    """log p̂: log-softmax over the non-target classes, ``[N, C] -> [N, C]``.
-
-    The target logit is masked to -inf before the softmax; its (-inf) log-probability is then
-    replaced by 0 so that KL and cross-entropy sums over rows stay finite (it contributes 0 there:
+    log b = [log p_t, log(1 - p_t)], with log(1 - p_t) a log-sum-exp over the non-target
+    log-probabilities. log p̂_j = log p_j - log(1 - p_t) is the log-softmax over the non-target
+    classes (z_j/τ - LSE_{k≠y} z_k/τ, the same value without a second softmax); its target entry
+    is set to 0 so that KL and cross-entropy sums over rows stay finite (it contributes 0 there:
     both sides hold 0, and the fill blocks its gradient).
     """
-    masked = logits.to(dtype).masked_fill(mask, -math.inf) / tau
-    return F.log_softmax(masked, dim=1).masked_fill(mask, 0.0)
+    logp = log_probs(logits, tau, dtype)  # [N, C]
+    log_pt = logp.masked_fill(~mask, 0.0).sum(dim=1)  # [N]
+    log_rest = torch.logsumexp(logp.masked_fill(mask, -math.inf), dim=1)  # [N], log(1 - p_t)
+    log_q = (logp - log_rest.unsqueeze(1)).masked_fill(mask, 0.0)  # [N, C]
+    return torch.stack([log_pt, log_rest], dim=1), log_q
+
+
+def decoupled_rows(student: Tensor, teacher: Tensor, targets: Tensor, *, tau: float) -> dict[str, Tensor]:
+    """Per-sample pieces of DKD/AEKT from one log-softmax per side (all ``[N]``).
+
+    {"tckd": τ²·KL(b^T ‖ b^S), "nckd": τ²·KL(p̂^T ‖ p̂^S), "log_pt_s", "log_pt_t"} — the last two
+    are log p_t at τ (student, teacher), for AEKT's weight. Every loss built from these rows shares
+    the same arithmetic, so AEKT with w = 1 equals DKD bit for bit.
+    """
+    _check(student, teacher, targets)
+    dtype = compute_dtype(student, teacher)
+    mask = target_mask(targets, student.shape[1])  # [N, C]
+    log_bs, log_qs = decompose(student, mask, tau, dtype)
+    log_bt, log_qt = decompose(teacher, mask, tau, dtype)
+    return {"tckd": tau**2 * _kl_rows(log_bt, log_bs), "nckd": tau**2 * _kl_rows(log_qt, log_qs),
+            "log_pt_s": log_bs[:, 0], "log_pt_t": log_bt[:, 0]}
 
 
 def ce_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -93,30 +107,20 @@ def kd_loss(student: Tensor, teacher: Tensor, *, tau: float) -> Tensor:
 def tckd(student: Tensor, teacher: Tensor, targets: Tensor, *, tau: float,
          reduction: str = "mean") -> Tensor:
     """Target-class KD: τ²·KL(b^T ‖ b^S) with b = [p_t, 1 - p_t]. Scalar, or ``[N]`` for "none"."""
-    _check(student, teacher, targets)
-    dtype = compute_dtype(student, teacher)
-    mask = target_mask(targets, student.shape[1])  # [N, C]
-    log_bs = binary_log_probs(log_probs(student, tau, dtype), mask)  # [N, 2]
-    log_bt = binary_log_probs(log_probs(teacher, tau, dtype), mask)  # [N, 2]
-    return _reduce(tau**2 * _kl_rows(log_bt, log_bs), reduction)
+    return _reduce(decoupled_rows(student, teacher, targets, tau=tau)["tckd"], reduction)
 
 
 def nckd(student: Tensor, teacher: Tensor, targets: Tensor, *, tau: float,
          reduction: str = "mean") -> Tensor:
     """Non-target-class KD: τ²·KL(p̂^T ‖ p̂^S) over the classes j ≠ y. Scalar, or ``[N]``."""
-    _check(student, teacher, targets)
-    dtype = compute_dtype(student, teacher)
-    mask = target_mask(targets, student.shape[1])  # [N, C]
-    log_qs = nontarget_log_probs(student, mask, tau, dtype)  # [N, C]
-    log_qt = nontarget_log_probs(teacher, mask, tau, dtype)  # [N, C]
-    return _reduce(tau**2 * _kl_rows(log_qt, log_qs), reduction)
+    return _reduce(decoupled_rows(student, teacher, targets, tau=tau)["nckd"], reduction)
 
 
 def dkd_terms(student: Tensor, teacher: Tensor, targets: Tensor, *, alpha: float, beta: float,
               tau: float) -> dict[str, Tensor]:
     """DKD's weighted terms {"tckd": α·TCKD, "nckd": β·NCKD} (scalars)."""
-    return {"tckd": alpha * tckd(student, teacher, targets, tau=tau),
-            "nckd": beta * nckd(student, teacher, targets, tau=tau)}
+    rows = decoupled_rows(student, teacher, targets, tau=tau)
+    return {"tckd": alpha * rows["tckd"].mean(), "nckd": beta * rows["nckd"].mean()}
 
 
 def dkd_loss(student: Tensor, teacher: Tensor, targets: Tensor, *, alpha: float, beta: float,
@@ -142,8 +146,8 @@ def nkd_terms(student: Tensor, teacher: Tensor, targets: Tensor, *, gamma: float
     _check(student, teacher, targets)
     dtype = compute_dtype(student, teacher)
     mask = target_mask(targets, student.shape[1])  # [N, C]
-    log_qs = nontarget_log_probs(student, mask, tau, dtype)  # [N, C]
-    q_t = nontarget_log_probs(teacher, mask, tau, dtype).exp().masked_fill(mask, 0.0)  # [N, C]
+    _, log_qs = decompose(student, mask, tau, dtype)  # [N, C]
+    q_t = decompose(teacher, mask, tau, dtype)[1].exp().masked_fill(mask, 0.0)  # [N, C]
     nontarget = -(q_t * log_qs).sum(dim=1).mean()
     return {"nkd_target": nkd_target(student, teacher, targets),
             "nkd_nontarget": gamma * tau**2 * nontarget}
@@ -201,16 +205,12 @@ def aekt_loss(student: Tensor, teacher: Tensor, targets: Tensor, *, tau: float, 
     """
     _choice("adaptive", adaptive, ADAPTIVE)
     _choice("explicit", explicit, EXPLICIT)
-    _check(student, teacher, targets)
-    if explicit == "binary_kl":
-        per_sample = tckd(student, teacher, targets, tau=tau, reduction="none")  # [N]
-    else:
-        per_sample = nkd_target(student, teacher, targets, reduction="none")  # [N]
+    rows = decoupled_rows(student, teacher, targets, tau=tau)
+    explicit_rows = rows["tckd"] if explicit == "binary_kl" else nkd_target(student, teacher, targets,
+                                                                              reduction="none")  # [N]
     with torch.no_grad():
-        index = targets.long().unsqueeze(1)  # [N, 1]
         dtype = compute_dtype(student, teacher)
-        log_pt_s = log_probs(student, tau, dtype).gather(1, index).squeeze(1)  # [N]
-        log_pt_t = log_probs(teacher, tau, dtype).gather(1, index).squeeze(1)  # [N]
+        log_pt_s, log_pt_t = rows["log_pt_s"].detach(), rows["log_pt_t"]  # [N] each
         if adaptive == "ratio":
             ratio = (log_pt_t - log_pt_s).exp()  # [N]; may be inf, the clip bounds it
             w = ratio.clamp(w_min, w_max)
@@ -218,10 +218,10 @@ def aekt_loss(student: Tensor, teacher: Tensor, targets: Tensor, *, tau: float, 
         else:
             w = torch.ones_like(log_pt_s)
             clipped = torch.zeros_like(log_pt_s)
-    weighted = per_sample if adaptive == "none" else w * per_sample  # w=1 skipped: DKD bit-exact
+    weighted = explicit_rows if adaptive == "none" else w * explicit_rows  # w=1 skipped: DKD bit-exact
     return {
         "explicit": alpha * weighted.mean(),
-        "implicit": beta * nckd(student, teacher, targets, tau=tau),
+        "implicit": beta * rows["nckd"].mean(),
         "stat/w_mean": w.mean(), "stat/w_min": w.min(), "stat/w_max": w.max(),
         "stat/w_clipped": clipped.mean(),
         "stat/pt_teacher": log_pt_t.exp().mean(), "stat/pt_student": log_pt_s.exp().mean(),
