@@ -106,7 +106,7 @@ def term_gradients(model: torch.nn.Module, loss: LossConfig, batch: dict[str, to
                 "grad_logits_per_sample": float(torch.autograd.grad(term, logits, retain_graph=True)[0]
                                                 .norm(dim=1).mean() * len(batch["y"]))}
         if not suffix:
-            rows["stats"] = {k: v for k, v in out.stats.items() if k != "stat/warmup"}
+            rows["stats"] = {k: v for k, v in out.stat_values().items() if k != "stat/warmup"}
     rows["train_batch_top1"] = float((z_cls.argmax(1) == batch["y"]).float().mean())
     return rows
 

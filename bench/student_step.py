@@ -40,6 +40,7 @@ from pipeline import augment
 from pipeline.config import LossConfig, ScheduleConfig
 from pipeline.distributed import make_accelerator
 from pipeline.heads import build_param_groups
+from pipeline.losses import LOSSES
 from pipeline.models import build_model
 from pipeline.stream import StreamSpec
 from pipeline.student import build_student
@@ -86,7 +87,8 @@ class StepRig:
     """One pair at one batch size: a teacher, one student per mode, a pool of ready batches."""
 
     def __init__(self, pair: Pair, *, batch: int, accelerator: Any, data_on: str = "device",
-                 pool: int = 4, seed: int = 0, modes: Sequence[str] = MODES):
+                 pool: int = 4, seed: int = 0, modes: Sequence[str] = MODES, loss: str = "aekt",
+                 compile_loss: bool = False):
         self.pair, self.batch, self.acc = pair, batch, accelerator
         device, fmt = accelerator.device, memory_format(accelerator.device)
         torch.manual_seed(seed)
@@ -102,14 +104,15 @@ class StepRig:
             if mode == "teacher_forward":
                 continue
             # warmup_epochs=0: the distillation terms are computed at full weight from step one.
-            loss = LossConfig(name="ce") if mode == "ce" else LossConfig(name="aekt", warmup_epochs=0)
-            # build_student applies the trainer's rule (AEKT gets the serial head, CE none).
-            model = build_student(pair.student, shape, loss, seed).to(device, memory_format=fmt)  # type: ignore[arg-type]
-            groups = build_param_groups(model, lr=0.01, weight_decay=5e-4, head_lr_scale=loss.head_lr_scale,
+            loss_cfg = LossConfig(name="ce") if mode == "ce" else LossConfig(name=loss, warmup_epochs=0)
+            # build_student applies the trainer's rule (KD losses get the serial head, CE none).
+            model = build_student(pair.student, shape, loss_cfg, seed).to(device, memory_format=fmt)  # type: ignore[arg-type]
+            groups = build_param_groups(model, lr=0.01, weight_decay=5e-4, head_lr_scale=loss_cfg.head_lr_scale,
                                         no_decay_norm_bias=False)
             wrapped, opt = accelerator.prepare(model, torch.optim.SGD(groups, lr=0.01, momentum=0.9))
-            job = TrainJob(model=model, sched=ScheduleConfig(batch_size=batch), loss=loss, train=spec,
-                           test=spec, teacher=self.teacher if mode == "online_kd" else None, progress=False)
+            job = TrainJob(model=model, sched=ScheduleConfig(batch_size=batch), loss=loss_cfg, train=spec,
+                           test=spec, teacher=self.teacher if mode == "online_kd" else None, progress=False,
+                           compile_loss=compile_loss)
             self.students[mode] = (job, wrapped, opt)
 
     def _make_batch(self, data_on: str, fmt: torch.memory_format) -> dict[str, torch.Tensor]:
@@ -145,9 +148,11 @@ class StepRig:
 
 
 def measure(pair: Pair, *, batch: int, accelerator: Any, steps: int, warmup: int, rounds: int,
-            data_on: str = "device", modes: Sequence[str] = MODES, profile: bool = False) -> dict[str, Any]:
+            data_on: str = "device", modes: Sequence[str] = MODES, profile: bool = False, loss: str = "aekt",
+            compile_loss: bool = False) -> dict[str, Any]:
     """img/s of each mode (median over interleaved rounds) and the paired ratios."""
-    rig = StepRig(pair, batch=batch, accelerator=accelerator, data_on=data_on, modes=modes)
+    rig = StepRig(pair, batch=batch, accelerator=accelerator, data_on=data_on, modes=modes, loss=loss,
+                  compile_loss=compile_loss)
     for mode in modes:  # warm-up (allocator, cuDNN autotune, lazy inits) is not timed
         rig.run(mode, warmup)
     rates = interleaved({m: functools.partial(rig.run, m, steps) for m in modes}, rounds=rounds,
@@ -173,7 +178,7 @@ def run(*, device: str = "cpu", pairs: Sequence[str] = ("digits", "cifar"),
         batches: Sequence[int] | None = None, steps: int | None = None, warmup: int | None = None,
         rounds: int = 3,
         data_on: Sequence[str] | None = None, precision: str | None = None, threads: int | None = None,
-        profile: bool = False) -> dict[str, Any]:
+        profile: bool = False, loss: str = "aekt", compile_loss: bool = False) -> dict[str, Any]:
     dev, precision = prepare_run(device, threads, precision)
     accelerator = bench_accelerator(dev, precision)
     data_on = list(data_on or (["device", "host"] if dev.type == "cuda" else ["device"]))
@@ -185,11 +190,12 @@ def run(*, device: str = "cpu", pairs: Sequence[str] = ("digits", "cifar"),
                 results.append(measure(PAIRS[name], batch=batch, accelerator=accelerator,
                                        steps=d_steps if steps is None else steps,
                                        warmup=d_warmup if warmup is None else warmup, rounds=rounds,
-                                       data_on=where, profile=profile))
+                                       data_on=where, profile=profile, loss=loss, compile_loss=compile_loss))
     return {"benchmark": NAME, "machine": machine_info(dev),
             "config": {"precision": precision, "rounds": rounds, "memory_format": str(memory_format(dev)),
                        "optimizer": "SGD momentum 0.9 (trainer's param groups)",
-                       "loss_cached_online": "aekt (serial head)", "loss_ce": "ce (no head)",
+                       "loss_cached_online": f"{loss} (serial head)", "loss_ce": "ce (no head)",
+                       "compile_loss": compile_loss,
                        "data": "random uint8 pixels, a pool of 4 batches; cached logits = teacher's fp32 "
                                "logits of the same pixels"},
             "targets": TARGETS, "results": results}
@@ -216,10 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per mode per round")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per mode")
     parser.add_argument("--data-on", type=csv_strs, default=None, help="device,host (default: both on cuda)")
+    parser.add_argument("--loss", default="aekt", choices=[n for n in LOSSES if n != "ce"],
+                        help="the cached and online modes' loss")
+    parser.add_argument("--compile-loss", action="store_true", help="train.compile_loss: torch.compile the loss")
     args = parser.parse_args(argv)
     payload = run(device=args.device, pairs=args.pairs, batches=args.batch, steps=args.steps,
                   warmup=args.warmup, rounds=args.rounds, data_on=args.data_on, precision=args.precision,
-                  threads=args.threads, profile=args.profile)
+                  threads=args.threads, profile=args.profile, loss=args.loss, compile_loss=args.compile_loss)
     return finish_cli(args, payload, table(payload), name=NAME)
 
 

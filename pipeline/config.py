@@ -242,6 +242,9 @@ class TrainConfig(ScheduleConfig):
     view_policy: str = _opt("cycle", choices=("cycle", "random"))
     teacher: str = _opt("cached", choices=("cached", "online"))
     checkpoint_every: int = _opt(0, lo=0)  # epochs between resumable checkpoints (0 = none)
+    # torch.compile the loss (pipeline.losses.compiled_loss_terms): on a GPU it fuses the loss's
+    # ~100 tiny ops into a few kernels; costs a one-off compile (tens of seconds, cached on disk).
+    compile_loss: bool = False
 
 
 # Named training presets from the KD literature (AEKT.md "Recipes"); explicit keys override them.

@@ -59,19 +59,20 @@ def target_mask(targets: Tensor, num_classes: int) -> Tensor:
 
 
 def decompose(logits: Tensor, mask: Tensor, tau: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(log b, log p̂) of softmax(z / τ) from one log-softmax: ``[N, C] -> ([N, 2], [N, C])``.
+    """(log b, log p̂) of softmax(z / τ) from two log-sum-exps: ``[N, C] -> ([N, 2], [N, C])``.
 
-    log b = [log p_t, log(1 - p_t)], with log(1 - p_t) a log-sum-exp over the non-target
-    log-probabilities. log p̂_j = log p_j - log(1 - p_t) is the log-softmax over the non-target
-    classes (z_j/τ - LSE_{k≠y} z_k/τ, the same value without a second softmax); its target entry
-    is set to 0 so that KL and cross-entropy sums over rows stay finite (it contributes 0 there:
-    both sides hold 0, and the fill blocks its gradient).
+    With L = LSE_k z_k/τ and R = LSE_{k≠y} z_k/τ (the target masked to -inf):
+    log b = [z_y/τ - L, R - L] = [log p_t, log(1 - p_t)], and log p̂_j = z_j/τ - R, the
+    log-softmax over the non-target classes. p̂'s target entry is set to 0 so that KL and
+    cross-entropy sums over rows stay finite (it contributes 0 there: both sides hold 0), and since
+    neither z_j/τ (j ≠ y) nor R depends on z_y, p̂ carries exactly no gradient to the target logit.
     """
-    logp = log_probs(logits, tau, dtype)  # [N, C]
-    log_pt = logp.masked_fill(~mask, 0.0).sum(dim=1)  # [N]
-    log_rest = torch.logsumexp(logp.masked_fill(mask, -math.inf), dim=1)  # [N], log(1 - p_t)
-    log_q = (logp - log_rest.unsqueeze(1)).masked_fill(mask, 0.0)  # [N, C]
-    return torch.stack([log_pt, log_rest], dim=1), log_q
+    z = logits.to(dtype) / tau  # [N, C]
+    lse_all = torch.logsumexp(z, dim=1)  # [N]
+    lse_rest = torch.logsumexp(z.masked_fill(mask, -math.inf), dim=1)  # [N]
+    log_pt = z.masked_fill(~mask, 0.0).sum(dim=1) - lse_all  # [N]
+    log_q = (z - lse_rest.unsqueeze(1)).masked_fill(mask, 0.0)  # [N, C]
+    return torch.stack([log_pt, lse_rest - lse_all], dim=1), log_q
 
 
 def decoupled_rows(student: Tensor, teacher: Tensor, targets: Tensor, *, tau: float) -> dict[str, Tensor]:

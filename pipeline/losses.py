@@ -11,6 +11,7 @@ trainer (``warmup_factor``) and passed in, never hidden inside a loss.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +35,12 @@ from pipeline.loss_terms import (
 )
 
 __all__ = [
-    "LOSSES", "STAT_PREFIX", "LossOutput", "aekt_loss", "ce_loss", "compute_loss", "describe_loss",
-    "dist_loss", "dkd_loss", "kd_loss", "nckd", "nkd_loss", "tckd", "warmup_factor",
+    "LOSSES", "STAT_PREFIX", "LossOutput", "TermsFn", "aekt_loss", "ce_loss", "compute_loss", "describe_loss",
+    "compiled_loss_terms", "dist_loss", "dkd_loss", "kd_loss", "loss_terms", "nckd", "nkd_loss", "tckd",
+    "warmup_factor",
 ]
+
+log = logging.getLogger(__name__)
 
 STAT_PREFIX = "stat/"  # keys of detached diagnostics, logged but never summed into the loss
 
@@ -104,11 +108,19 @@ class LossOutput:
 
     ``terms`` are scalar tensors, each already multiplied by its weight (and by the warm-up factor
     for distillation terms): the trainer sums them (``total``) and logs each. ``stats`` are
-    detached floats under "stat/" keys (w statistics, warm-up) for logging only.
+    diagnostics under "stat/" keys (w statistics, warm-up) for logging only: the warm-up as a float,
+    the others as detached 0-d tensors on the loss's device, so that a training step never waits
+    for the device to log them (the trainer sums them on the device and reads them once per epoch).
     """
 
     terms: dict[str, Tensor]
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Tensor | float] = field(default_factory=dict)
+
+    def stat_values(self) -> dict[str, float]:
+        """``stats`` as floats (one device sync for all of them)."""
+        keys = [k for k, v in self.stats.items() if isinstance(v, Tensor)]
+        values = torch.stack([self.stats[k].float() for k in keys]).tolist() if keys else []
+        return {k: float(v) for k, v in self.stats.items()} | dict(zip(keys, values, strict=True))
 
     @property
     def total(self) -> Tensor:
@@ -116,8 +128,62 @@ class LossOutput:
         return functools.reduce(operator.add, self.terms.values())
 
 
+# (z_cls, z_kd, teacher logits or None, targets) -> (terms before the warm-up factor, stats)
+TermsFn = Callable[[Tensor, Tensor, Tensor | None, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]
+
+
+def loss_terms(cfg: LossConfig, z_cls: Tensor, z_kd: Tensor, teacher_logits: Tensor | None,
+               targets: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """({"ce": ce_weight·CE, distillation terms of ``cfg.name``}, {"stat/…": detached}), before the
+    warm-up factor: the pure part of :func:`compute_loss`, which :func:`compiled_loss_terms` compiles."""
+    distill = _lookup(cfg.name)
+    terms = {"ce": cfg.ce_weight * ce_loss(z_cls, targets)}
+    stats: dict[str, Tensor] = {}
+    if cfg.name != "ce":
+        if teacher_logits is None:
+            raise ValueError(f"loss.name={cfg.name!r} needs teacher logits, got None "
+                             "(only loss.name='ce' trains without a teacher).")
+        for key, value in distill(cfg, z_kd, teacher_logits.detach(), targets).items():
+            if key.startswith(STAT_PREFIX):
+                stats[key] = value.detach()
+            else:
+                terms[key] = value
+    return terms, stats
+
+
+def compiled_loss_terms(cfg: LossConfig) -> TermsFn:
+    """:func:`loss_terms` for ``cfg`` through ``torch.compile`` (``train.compile_loss``).
+
+    A distillation loss is ~100 tiny element-wise ops on ``[N, C]`` logits: on a GPU at CIFAR
+    batch sizes each is a kernel launch plus Python dispatch, which costs more than the student's
+    convolutions (docs/benchmarks.md, "Loss overhead on the GPU"); compiled, forward and backward
+    are a few fused kernels. The warm-up factor stays outside (it changes every epoch and would
+    recompile). If compilation fails (no C++ compiler or Triton, an unsupported platform) the loss
+    runs eagerly, with one warning: same numbers, only slower.
+    """
+    eager = functools.partial(loss_terms, cfg)
+    compiled = torch.compile(eager)
+    failed: list[str] = []
+
+    def terms(z_cls: Tensor, z_kd: Tensor, teacher_logits: Tensor | None,
+              targets: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if not failed:
+            try:
+                return compiled(z_cls, z_kd, teacher_logits, targets)
+            except ValueError:  # the loss's own input checks: the same error as eager mode
+                raise
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                failed.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                log.warning("train.compile_loss: compiling the %s loss failed (%s); running it eagerly "
+                            "(same results, slower). Set train.compile_loss: false to skip the attempt.",
+                            cfg.name, failed[0][:300])
+        return eager(z_cls, z_kd, teacher_logits, targets)
+
+    return terms
+
+
 def compute_loss(cfg: LossConfig, *, z_cls: Tensor, z_kd: Tensor, teacher_logits: Tensor | None,
-                 targets: Tensor, warmup: float) -> LossOutput:
+                 targets: Tensor, warmup: float, terms_fn: TermsFn | None = None) -> LossOutput:
     """ce_weight·CE(z_cls, y) + warmup·(distillation terms of ``cfg.name`` on z_kd).
 
     Args:
@@ -126,23 +192,13 @@ def compute_loss(cfg: LossConfig, *, z_cls: Tensor, z_kd: Tensor, teacher_logits
         teacher_logits: ``[N, C]``, detached here; may be None only for ``cfg.name == "ce"``.
         targets: class indices ``[N]``.
         warmup: λ(e) from ``warmup_factor``; scales only the distillation terms.
+        terms_fn: :func:`loss_terms` for ``cfg`` (default) or :func:`compiled_loss_terms`.
     """
-    distill = _lookup(cfg.name)
-    terms = {"ce": cfg.ce_weight * ce_loss(z_cls, targets)}
-    stat_tensors: dict[str, Tensor] = {}
-    if cfg.name != "ce":
-        if teacher_logits is None:
-            raise ValueError(f"loss.name={cfg.name!r} needs teacher logits, got None "
-                             "(only loss.name='ce' trains without a teacher).")
-        for key, value in distill(cfg, z_kd, teacher_logits.detach(), targets).items():
-            if key.startswith(STAT_PREFIX):
-                stat_tensors[key] = value.detach()
-            else:
-                terms[key] = warmup * value
-    stats: dict[str, float] = {f"{STAT_PREFIX}warmup": float(warmup)}
-    if stat_tensors:  # one device sync for all statistics, not one per value
-        values = torch.stack([v.float() for v in stat_tensors.values()]).tolist()
-        stats.update(zip(stat_tensors, values, strict=True))
+    if terms_fn is None:
+        terms_fn = functools.partial(loss_terms, cfg)
+    raw, stat_tensors = terms_fn(z_cls, z_kd, teacher_logits, targets)
+    terms = {key: value if key == "ce" else warmup * value for key, value in raw.items()}
+    stats: dict[str, Tensor | float] = {f"{STAT_PREFIX}warmup": float(warmup), **stat_tensors}
     return LossOutput(terms=terms, stats=stats)
 
 

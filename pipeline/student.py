@@ -88,7 +88,7 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         test=StreamSpec(split="test", train=False, **common), teacher=teacher,
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
         fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
-        desc=f"student[{loss.name}]")
+        desc=f"student[{loss.name}]", compile_loss=train.compile_loss)
     model, history = fit(job)
     final, best = history[-1], max(history, key=lambda r: r["test_top1"])
     metrics = {"final_top1": final["test_top1"], "final_top5": final["test_top5"],

@@ -28,7 +28,7 @@ from pipeline import augment
 from pipeline.config import LossConfig, ScheduleConfig
 from pipeline.distributed import make_accelerator
 from pipeline.heads import DistillStudent, build_param_groups
-from pipeline.losses import compute_loss, describe_loss, warmup_factor
+from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, warmup_factor
 from pipeline.run_state import load_checkpoint, save_checkpoint
 from pipeline.stream import ShardStream, StreamSpec
 
@@ -62,7 +62,13 @@ class TrainJob:
     fingerprint: str = ""
     progress: bool = True
     desc: str = "train"
+    compile_loss: bool = False  # train.compile_loss
     history: list[dict[str, Any]] = field(default_factory=list)
+    terms_fn: TermsFn | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.compile_loss and self.terms_fn is None:
+            self.terms_fn = compiled_loss_terms(self.loss)
 
 
 def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) -> DataLoader:
@@ -100,7 +106,7 @@ def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int) -> N
 
 
 def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any, batch: dict,
-               warm: float, recipe: str, probe_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float],
+               warm: float, recipe: str, probe_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                                      dict[str, torch.Tensor]]:
     """One optimiser step; returns detached loss terms and gradient norms (device tensors) and stats."""
     device = accelerator.device
@@ -120,7 +126,8 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
             else:
                 teacher = batch["teacher"].to(device, non_blocking=True)
         z_cls, z_kd = z_cls.float(), z_kd.float()
-        out = compute_loss(job.loss, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=warm)
+        out = compute_loss(job.loss, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=warm,
+                           terms_fn=job.terms_fn)
         grads = term_grad_norms(out.terms, (z_cls, z_kd)) if probe_grads else {}
         accelerator.backward(out.total)
         optimizer.step()
@@ -142,7 +149,7 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     warm = warmup_factor(epoch, job.loss.warmup_epochs) if job.loss.name != "ce" else 1.0
     term_sums: dict[str, torch.Tensor] = {}
     grad_sums: dict[str, torch.Tensor] = {}
-    stat_sums: dict[str, float] = {}
+    stat_sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no per-step host sync
     seen, probes, start = 0, 0, time.perf_counter()
     loader = build_loader(stream, sched.batch_size, sched.workers, accelerator.device.type == "cuda")
     # Ranks may hold different sample counts (whole shards per rank): DDP's Join lets a rank that
@@ -176,7 +183,7 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     seconds = time.perf_counter() - start
     row: dict[str, Any] = {f"loss/{k}": float(v) / max(seen, 1) for k, v in term_sums.items()}
     row["loss/total"] = sum(row.values())
-    row.update({k: v / max(seen, 1) for k, v in stat_sums.items()})
+    row.update({k: float(v) / max(seen, 1) for k, v in stat_sums.items()})
     row.update({k: float(v) / max(probes, 1) for k, v in grad_sums.items()})
     counts = accelerator.reduce(torch.tensor([seen, seconds], device=accelerator.device, dtype=torch.float64),
                                 reduction="sum")

@@ -71,7 +71,12 @@ def test_compute_loss_terms(name):
     assert out.stats["stat/warmup"] == 1.0
     if name == "aekt":
         assert {"stat/w_mean", "stat/w_min", "stat/w_max", "stat/w_clipped"} <= set(out.stats)
-        assert all(isinstance(v, float) for v in out.stats.values())
+        # Device tensors (no host sync in a training step), detached; floats on request.
+        assert all(isinstance(v, torch.Tensor) and not v.requires_grad
+                   for k, v in out.stats.items() if k != "stat/warmup")
+        values = out.stat_values()
+        assert all(isinstance(v, float) for v in values.values())
+        assert values["stat/w_mean"] == pytest.approx(float(out.stats["stat/w_mean"]))
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -131,3 +136,68 @@ def test_warmup_factor(epoch, warmup_epochs, expected):
 def test_warmup_factor_rejects_negative():
     with pytest.raises(ValueError, match="warmup_epochs"):
         warmup_factor(1, -1)
+
+
+def _terms_and_grads(terms_fn, cfg, z_cls, z_kd, teacher, y, warmup):
+    z_cls, z_kd = z_cls.clone().requires_grad_(), z_kd.clone().requires_grad_()
+    out = compute_loss(cfg, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=warmup,
+                       terms_fn=terms_fn)
+    grads = torch.autograd.grad(out.total, (z_cls, z_kd))
+    return out, grads
+
+
+def test_compiled_loss_matches_eager():
+    """train.compile_loss: the torch.compile'd AEKT loss gives the eager terms, stats and gradients,
+    across a batch-size change (an epoch's short last batch) and two warm-up factors (applied outside
+    the compiled part, so no recompile per epoch). float32, as in training."""
+    from pipeline.losses import compiled_loss_terms
+
+    cfg = LossConfig(name="aekt")
+    compiled = compiled_loss_terms(cfg)
+    g = torch.Generator().manual_seed(3)
+    for n, warmup in ((64, 0.5), (17, 1.0), (64, 1.0)):
+        z_cls, z_kd, teacher = (3 * torch.randn(n, 10, generator=g) for _ in range(3))
+        y = torch.randint(0, 10, (n,), generator=g)
+        ref, ref_grads = _terms_and_grads(None, cfg, z_cls, z_kd, teacher, y, warmup)
+        got, got_grads = _terms_and_grads(compiled, cfg, z_cls, z_kd, teacher, y, warmup)
+        assert set(got.terms) == set(ref.terms) and set(got.stats) == set(ref.stats)
+        for key in ref.terms:
+            torch.testing.assert_close(got.terms[key], ref.terms[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(list(got.stat_values().values())),
+                                   torch.tensor(list(ref.stat_values().values())), rtol=1e-5, atol=1e-6)
+        for a, b in zip(got_grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_loss_falls_back_to_eager_when_compilation_fails(monkeypatch, caplog):
+    """No C++ compiler / Triton: one warning naming the setting, then the eager loss (same numbers).
+    torch.compile is replaced by a compiler that fails, as a machine without a toolchain does."""
+    from pipeline import losses
+
+    def broken_compile(fn):
+        def call(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+        return call
+
+    monkeypatch.setattr(losses.torch, "compile", broken_compile)
+    cfg = LossConfig(name="dkd")
+    terms_fn = losses.compiled_loss_terms(cfg)
+    s, t, y = make(1)
+    with caplog.at_level("WARNING", logger="pipeline.losses"):
+        out = compute_loss(cfg, z_cls=s, z_kd=s, teacher_logits=t, targets=y, warmup=1.0, terms_fn=terms_fn)
+        again = compute_loss(cfg, z_cls=s, z_kd=s, teacher_logits=t, targets=y, warmup=1.0, terms_fn=terms_fn)
+    ref = compute_loss(cfg, z_cls=s, z_kd=s, teacher_logits=t, targets=y, warmup=1.0)
+    torch.testing.assert_close(out.total, ref.total)
+    torch.testing.assert_close(again.total, ref.total)
+    warnings = [r for r in caplog.records if "compile_loss" in r.getMessage()]
+    assert len(warnings) == 1 and "no working C++ compiler" in warnings[0].getMessage()
+
+
+def test_compiled_loss_keeps_input_errors():
+    """A wrong input is the loss's own ValueError, not a silent fallback."""
+    from pipeline.losses import compiled_loss_terms
+
+    cfg = LossConfig(name="kd")
+    with pytest.raises(ValueError, match="needs teacher logits"):
+        compute_loss(cfg, z_cls=torch.zeros(4, 3), z_kd=torch.zeros(4, 3), teacher_logits=None,
+                     targets=torch.zeros(4, dtype=torch.long), warmup=1.0, terms_fn=compiled_loss_terms(cfg))
