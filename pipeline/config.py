@@ -275,6 +275,9 @@ class EvalConfig(Section):
     SECTION: ClassVar[str] = "eval"
     batch_size: int = _opt(256, lo=1)
     top_k: int = _opt(5, lo=1)
+    # auto: the GPU when there is one (ImageNet val is 50k full-size images), else the CPU.
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    workers: int = _opt(0, lo=0)  # DataLoader processes decoding the test shards
 
 
 SECTIONS: dict[str, type[Section]] = {

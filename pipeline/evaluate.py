@@ -11,14 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from pipeline.artifacts import load_model  # noqa: E402
 from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
 from pipeline.reports import write_metrics  # noqa: E402
 from pipeline.stream import ShardStream, StreamSpec  # noqa: E402
-from pipeline.train import predict, topk_hits  # noqa: E402
+from pipeline.train import inference_device, predict, topk_hits  # noqa: E402
 
 
 def accuracy_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], top_k: int) -> dict:
@@ -69,7 +68,9 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
     manifest = Manifest.load(manifest_path)
     spec = StreamSpec(manifest_path=manifest_path, shards_dir=shards_dir, split="test", recipe=aug.recipe,
                       image_size=aug.size, aug_seed=aug.seed, views=1, train=False)
-    logits, labels = predict(model, ShardStream(spec), device=torch.device("cpu"), batch_size=cfg.batch_size)
+    device = inference_device(cfg.device, "params.yaml eval.device")
+    logits, labels = predict(model.to(device), ShardStream(spec), device=device, batch_size=cfg.batch_size,
+                             workers=cfg.workers)
     classes = list(manifest.classes)
     report = {"model": str(model_path), "arch": card["arch"], **accuracy_report(logits, labels, classes,
                                                                                 cfg.top_k)}

@@ -16,7 +16,7 @@ from pipeline.heads import DistillStudent
 from pipeline.models import build_model, classifier_of, load_checkpoint, load_weights, torchvision_weights
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import ShardStream, StreamSpec
-from pipeline.train import TrainJob, fit, is_main_process, predict
+from pipeline.train import TrainJob, fit, inference_device, is_main_process, predict
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metri
     history: list[dict[str, Any]] = []
     if cfg.checkpoint:
         model = _import(cfg, manifest)
-        logits, labels = predict(model, ShardStream(test), device=torch.device("cpu"),
-                                 batch_size=cfg.batch_size)
+        device = inference_device("auto", "teacher")  # an imported ImageNet teacher: 50k val images
+        logits, labels = predict(model.to(device), ShardStream(test), device=device,
+                                 batch_size=cfg.batch_size, workers=cfg.workers)
+        model.cpu()
         top1 = float((logits.argmax(1) == labels).mean())
         source = {"kind": "imported", "checkpoint": cfg.checkpoint,
                   "checkpoint_sha256": sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None}

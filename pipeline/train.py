@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import augment
-from pipeline.config import LossConfig, ScheduleConfig
+from pipeline.config import ConfigError, LossConfig, ScheduleConfig
 from pipeline.distributed import make_accelerator
 from pipeline.heads import DistillStudent, build_param_groups
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, warmup_factor
@@ -205,6 +205,14 @@ def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device
         labels.append(batch["label"])
     model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def inference_device(name: str, key: str) -> torch.device:
+    """The device for an inference pass set by ``key`` (auto | cpu | cuda)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: cuda, but torch sees no CUDA device on this machine; set {key} "
+                         "to auto (the GPU when there is one) or cpu.")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.ndarray]:

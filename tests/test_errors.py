@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from safetensors.torch import load_file, save_file
 
@@ -196,6 +197,9 @@ CASES: list[tuple[str, list[str], Mutate, tuple[str, ...]]] = [
     ("params-not-a-choice", STUDENT, params("loss", "name", "kdd"),
      ("params.yaml loss.name", "'kdd' is not one of", "Did you mean 'kd'?")),
 ]
+if not torch.cuda.is_available():  # the case only exists on a machine without a GPU (CI's)
+    CASES.append(("eval-device-cuda-without-gpu", EVALUATE, params("eval", "device", "cuda"),
+                  ("params.yaml eval.device", "no CUDA device", "set params.yaml eval.device to auto")))
 
 @pytest.mark.parametrize(("command", "mutate", "fragments"), [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
@@ -226,3 +230,15 @@ def test_the_fix_named_for_a_corrupt_store_works(tmp_path_factory: pytest.TempPa
     shutil.rmtree(root / STORE)
     assert aekt_inproc(CACHE, root).exit_code == 0
     assert_same_store(root / STORE, built_pipeline(tmp_path_factory) / STORE)
+
+
+def test_evaluate_with_loader_workers_gives_the_same_report(tmp_path_factory: pytest.TempPathFactory,
+                                                             tmp_path: Path) -> None:
+    """eval.workers decodes the test shards in DataLoader processes: same samples, same report."""
+    root = copy_pipeline(tmp_path_factory, tmp_path / "pipeline")
+    assert aekt_inproc(EVALUATE, root).exit_code == 0
+    serial = json.loads((root / "metrics/eval.json").read_text())
+    write_params(root, eval={"workers": 2})
+    assert aekt_inproc(EVALUATE, root).exit_code == 0
+    parallel = json.loads((root / "metrics/eval.json").read_text())
+    assert parallel == serial and serial["num_samples"] > 0
