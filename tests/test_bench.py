@@ -144,3 +144,39 @@ def test_cli_lists_the_same_benchmarks_as_the_package() -> None:
     from stages import bench as bench_command
 
     assert bench_command.BENCHMARKS == bench.BENCHMARKS
+
+
+def test_fit_epochs_sizes_runs_to_the_budget() -> None:
+    """bench/cifar10_gpu --budget-s: the most epochs whose estimated runs fit, never past the cap,
+    at least one; the estimate scales the measured overhead with the epochs (errs long)."""
+    from bench.cifar10_gpu import fit_epochs
+
+    # 4 runs, 5 s per epoch, 12 s overhead measured over 3 epochs: E=5 costs 4 * (25 + 20) = 180.
+    assert fit_epochs(180.0, 4, 5.0, 12.0, 3, 15) == 5
+    assert fit_epochs(179.9, 4, 5.0, 12.0, 3, 15) == 4
+    assert fit_epochs(1e9, 4, 5.0, 12.0, 3, 15) == 15  # the cap
+    assert fit_epochs(-10.0, 4, 5.0, 12.0, 3, 15) == 1  # nothing left: still one epoch
+    # The teacher's use: one run, overhead from a one-epoch probe.
+    assert fit_epochs(156.0, 1, 16.105, 26.29 - 16.105, 1, 30) == 5
+
+
+def test_cifar10_report_states_what_a_run_shows(tmp_path: Path) -> None:
+    """The rendered page says when the teacher is weaker than CE (so the losses are not compared)
+    and gives the cached-vs-CE and cached-vs-online ratios from the run's own numbers."""
+    from bench.cifar10_report import findings, render
+
+    result = json.loads((Path(__file__).parents[1] / "bench/results/cifar10-cuda.json").read_text())
+    text = "\n".join(findings(result))
+    assert "weaker than the student trained alone (CE 76.0%)" in text
+    assert "Cached aekt epoch 9.18 s vs CE 5.81 s" in text and "1.44x" in text
+    strong = json.loads(json.dumps(result))
+    strong["steps"]["teacher"]["test_top1"] = 0.95
+    assert "Teacher 95.0%; best student ce 76.0%" in "\n".join(findings(strong))
+    smoke = dict(result, kind="gpu-smoke")
+    assert findings(smoke) == []
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/cifar10-cuda.json").write_text(json.dumps(result))
+    render([tmp_path / "runs"], tmp_path / "page.md")
+    page = (tmp_path / "page.md").read_text()
+    assert "NVIDIA H200" in page and "schedule sized to `--budget-s 520.0`" in page
+    assert "Not yet run on a GPU" not in page
