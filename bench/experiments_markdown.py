@@ -208,8 +208,9 @@ def render(payload: dict[str, Any], *, doc_path: Path) -> str:
               "gradient over the student's parameters; ‖∂/∂z‖ per sample = mean row norm of its gradient on the "
               "logits it acts on (z_kd, or z_cls for CE), ×N. `explicit@w=1` is AEKT's explicit term with w = 1, "
               "i.e. what DKD's TCKD would give at the same weights.", "", *probe_table(probe), ""]
-    lines += ["Gradient norm of each term at the logits, as the trainer logs it every step (`grad/<term>`, "
-              "the norm of the batch-mean term's gradient w.r.t. z_cls and z_kd, warm-up included), averaged "
+    lines += ["Gradient norm of each term at the logits, as the trainer logged it in these runs (`grad/<term>`, "
+              "the norm of the batch-mean term's gradient w.r.t. z_cls and z_kd together, warm-up included; "
+              "since 2026-11-26 the trainer logs each term's gradient at the logits it acts on), averaged "
               "over each epoch; mean over seeds at epoch 1 → the middle epoch → the last epoch:", "",
               "| method | " + " | ".join(GRAD_COLUMNS) + " |", "|---" * (len(GRAD_COLUMNS) + 1) + "|",
               *grad_table(payload["cells"]), ""]
@@ -278,8 +279,9 @@ def limits(payload: dict[str, Any]) -> list[str]:
             "spread over seeds suggests β = 8 is strong for this small MLP (docs/aekt.md reports instability "
             "with a narrower one); a β / α sweep on a validation split carved from train is the next step and "
             "was not run here.",
-            "- The trainer's `grad/<term>` log takes the norm over both z_cls and z_kd: with a serial or parallel "
-            "head it is not comparable with head=none runs; the probe table's ‖∂/∂z‖ is.",
+            "- In these runs the trainer's `grad/<term>` log took the norm over both z_cls and z_kd: with a serial "
+            "or parallel head it is not comparable with head=none runs; the probe table's ‖∂/∂z‖ is. (The trainer "
+            "now logs each term's gradient at its own logits, as the probe table does.)",
             "- Not run: the 240-epoch CIFAR-100 recipe (no GPU); the partial CIFAR-100 set (486 train images over "
             "100 classes is too few per class to train a teacher). The tiny CIFAR-10 run below, if present, "
             "is a CPU-sized check only."]

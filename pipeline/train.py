@@ -82,9 +82,10 @@ def to_device_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def term_grad_norms(terms: dict[str, torch.Tensor], logits: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    """Norm of each loss term's gradient w.r.t. the student's logits (AEKT.md: log how strongly each
-    term pulls). Taken at the logits, not the weights, so it costs a backward through the loss only.
-    Returned as 0-d tensors on the device: no host sync here."""
+    """Norm of each loss term's gradient w.r.t. ``logits`` (AEKT.md: log how strongly each term
+    pulls). Taken at the logits, not the weights, so it costs a backward through the loss only; the
+    trainer passes detached leaves (``probe_term_grads``), so CE is measured at z_cls and each
+    distillation term at z_kd. Returned as 0-d tensors on the device: no host sync here."""
     inputs = list({id(t): t for t in logits if t.requires_grad}.values())
     norms = {}
     for name, term in terms.items():
@@ -94,6 +95,20 @@ def term_grad_norms(terms: dict[str, torch.Tensor], logits: tuple[torch.Tensor, 
         norms[f"grad/{name}"] = (torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt() if grads
                                  else inputs[0].new_zeros(()))
     return norms
+
+
+def probe_term_grads(cfg: LossConfig, z_cls: torch.Tensor, z_kd: torch.Tensor, teacher: torch.Tensor | None,
+                     targets: torch.Tensor, warmup: float) -> dict[str, torch.Tensor]:
+    """``term_grad_norms`` of the eager loss at detached copies of the logits.
+
+    The gradient w.r.t. the logits depends only on their values, so the probe never touches the
+    training graph: no ``retain_graph`` on it, which a compiled loss's backward (train.compile_loss)
+    does not allow, and the step's own backward is unchanged."""
+    a = z_cls.detach().requires_grad_()
+    b = a if z_kd is z_cls else z_kd.detach().requires_grad_()
+    with torch.enable_grad():
+        out = compute_loss(cfg, z_cls=a, z_kd=b, teacher_logits=teacher, targets=targets, warmup=warmup)
+        return term_grad_norms(out.terms, (a, b))
 
 
 def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -128,7 +143,7 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
         z_cls, z_kd = z_cls.float(), z_kd.float()
         out = compute_loss(job.loss, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=warm,
                            terms_fn=job.terms_fn)
-        grads = term_grad_norms(out.terms, (z_cls, z_kd)) if probe_grads else {}
+        grads = probe_term_grads(job.loss, z_cls, z_kd, teacher, y, warm) if probe_grads else {}
         accelerator.backward(out.total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -115,3 +115,37 @@ def test_a_diverging_run_stops_with_a_clear_error(tiny_pipeline: Path, tmp_path:
     assert proc.returncode != 0
     assert "loss became non-finite" in proc.stderr and "lower train.lr" in proc.stderr
     assert not (work / "student.safetensors").exists()
+
+
+def test_probe_on_detached_logits_gives_each_terms_gradient_at_its_logits() -> None:
+    """The per-term gradient probe recomputes the loss at detached logits: CE's gradient at z_cls,
+    each distillation term's at z_kd (not also through the head back to z_cls), equal to autograd
+    on the training graph; the graph itself is left untouched for the step's one backward."""
+    from pipeline.config import LossConfig
+    from pipeline.train import probe_term_grads
+
+    g = torch.Generator().manual_seed(0)
+    z_cls = torch.randn(16, 10, generator=g, requires_grad=True)
+    z_kd = 2 * z_cls  # a head's output: depends on z_cls
+    teacher, y = 3 * torch.randn(16, 10, generator=g), torch.randint(0, 10, (16,), generator=g)
+    cfg = LossConfig(name="aekt")
+    out = compute_loss(cfg, z_cls=z_cls, z_kd=z_kd, teacher_logits=teacher, targets=y, warmup=0.5)
+    probed = probe_term_grads(cfg, z_cls, z_kd, teacher, y, 0.5)
+    assert probed.keys() == {"grad/ce", "grad/explicit", "grad/implicit"}
+    for name, at in (("ce", z_cls), ("explicit", z_kd), ("implicit", z_kd)):
+        (expected,) = torch.autograd.grad(out.terms[name], at, retain_graph=True)
+        torch.testing.assert_close(probed[f"grad/{name}"], expected.norm())
+    out.total.backward()  # the step's own backward still runs, once
+    assert z_cls.grad is not None
+
+
+def test_student_with_compiled_loss_trains_and_probes(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """train.compile_loss through the real student stage: the compiled loss's backward (which
+    cannot run twice) and the per-term gradient probe coexist; the run writes finite terms and
+    probes. On CPU this compiles with inductor's C++ backend (tens of seconds, once)."""
+    work = copy_for_student(tiny_pipeline, tmp_path / "w", compile_loss=True, epochs=1)
+    run([sys.executable, "-m", "stages.cli", *STUDENT], work)
+    (row,) = history(work / "train.csv")
+    for key in ("loss_explicit", "loss_implicit", "grad_explicit", "grad_implicit", "stat_w_mean"):
+        assert float(row[key]) == float(row[key]) and float(row[key]) > 0, key  # finite, not NaN
+    assert (work / "student.safetensors").exists()
