@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from bench.cifar10_report import render, summary_text
-from bench.common import RESULTS_DIR, git_state, machine_info
+from bench.common import RESULTS_DIR, git_state, machine_info, modified_files
 from pipeline.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,17 +348,10 @@ def stage1(r: Runner, base: dict[str, Any], manifest: str, store: str) -> None:
 
 def _uncommitted() -> list[str]:
     """Library files that differ from the commit machine_info names (empty: the commit is the code)."""
-    state = git_state()  # the sender's word first on a copied tree (bench/device_session.sh)
-    if state["code_modified_since_commit"] is False:
+    if git_state()["code_modified_since_commit"] is False:  # the sender's word first (bench/device_session.sh)
         return []
-    try:
-        proc = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "stages"],
-                              cwd=REPO, capture_output=True, text=True)
-    except OSError:
-        return ["(no git: unknown)"]
-    if proc.returncode != 0:
-        return ["(no git: unknown)"]
-    return [line[3:] for line in proc.stdout.splitlines()]
+    files = modified_files("pipeline", "stages")
+    return ["(no git: unknown)"] if files is None else files
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -186,8 +186,15 @@ def git_state() -> dict[str, Any]:
     if commit is None:
         return {"git_commit": None, "code_modified_since_commit": None}
     # Uncommitted edits to the measured code mean the commit alone does not reproduce the numbers.
-    dirty = _git("status", "--porcelain", "--", "pipeline", "stages", "bench/*.py")
+    dirty = modified_files("pipeline", "stages", "bench/*.py")
     return {"git_commit": commit, "code_modified_since_commit": bool(dirty)}
+
+
+def modified_files(*paths: str) -> list[str] | None:
+    """Files under ``paths`` that `git status` lists as changed or untracked; None without git."""
+    out = _git("status", "--porcelain", "--", *paths)
+    # "XY path" per line; _git strips the output, so the first line may have lost X's blank.
+    return None if out is None else [line[2:].strip() for line in out.splitlines()]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -119,8 +119,9 @@ class LossOutput:
     def stat_values(self) -> dict[str, float]:
         """``stats`` as floats (one device sync for all of them)."""
         keys = [k for k, v in self.stats.items() if isinstance(v, Tensor)]
-        values = torch.stack([self.stats[k].float() for k in keys]).tolist() if keys else []
-        return {k: float(v) for k, v in self.stats.items()} | dict(zip(keys, values, strict=True))
+        values = dict(zip(keys, torch.stack([self.stats[k].float() for k in keys]).tolist() if keys else [],
+                          strict=True))
+        return {k: values[k] if k in values else float(v) for k, v in self.stats.items()}
 
     @property
     def total(self) -> Tensor:
