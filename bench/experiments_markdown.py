@@ -148,6 +148,11 @@ def why(payload: dict[str, Any]) -> list[str]:
     return out
 
 
+def recipe_note(train: dict[str, Any]) -> str:
+    """Results written before train.recipe was retired name it; newer ones list every key instead."""
+    return f", `train.recipe {train['recipe']}`" if "recipe" in train else ""
+
+
 def render(payload: dict[str, Any], *, doc_path: Path) -> str:
     a, p, m = payload["analysis"], payload["params"], payload["machine"]
     summary, s1 = a["summary"], payload["stage1"]
@@ -170,7 +175,7 @@ def render(payload: dict[str, Any], *, doc_path: Path) -> str:
         f"- Teacher: `{s1['teacher_arch']}`, trained once ({p['teacher']['epochs']} epochs), test top-1 "
         f"{100 * s1['teacher_top1']:.2f}%. Stage 1 (prepare + teacher + cache) ran **once** "
         f"({s1['seconds']:.0f} s); every cell below reads the same Zarr store.",
-        f"- Student: `{p['student']['arch']}`, `train.recipe {p['train']['recipe']}`: {train['epochs']} epochs, "
+        f"- Student: `{p['student']['arch']}`{recipe_note(p['train'])}: {train['epochs']} epochs, "
         "batch 64, SGD momentum 0.9, lr 0.01 cosine, weight decay 5e-4; view e mod V each epoch. "
         f"Seeds (`train.seed`): {seeds}. A seed fixes the student's initialisation and data order for every "
         "method alike, so differences are **paired by seed**.",

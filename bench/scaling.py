@@ -48,7 +48,7 @@ from bench.stage1 import make_store, prepare_dataset
 from bench.student_step import bench_accelerator
 from pipeline.cache.codecs import CODEC_NAMES, make_codec
 from pipeline.cache.writer import ShardSource, write_items
-from pipeline.config import AugmentConfig, CacheConfig, LossConfig, build_train_config
+from pipeline.config import AugmentConfig, CacheConfig, LossConfig, TrainConfig
 from pipeline.heads import build_param_groups
 from pipeline.models import build_model
 from pipeline.stream import ShardStream, StreamSpec
@@ -101,7 +101,7 @@ def measure_point(workdir: Path, *, samples: int | None, views: int, codec: str,
     opt = torch.optim.SGD(build_param_groups(model, lr=0.01, weight_decay=5e-4, head_lr_scale=0.01,
                                              no_decay_norm_bias=False), lr=0.01, momentum=0.9)
     wrapped, opt = accelerator.prepare(model, opt)
-    sched = build_train_config({"recipe": "digits", "epochs": 1, "batch_size": batch, "workers": workers})
+    sched = TrainConfig.from_params({"epochs": 1, "batch_size": batch, "workers": workers})
     job = TrainJob(model=model, sched=sched, loss=loss, train=spec, test=spec, progress=False)
     stream = ShardStream(spec)
     pin = dev.type == "cuda"

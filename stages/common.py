@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -39,11 +41,55 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.train import TrainingDiverged
 
     return (ConfigError, DataError, CacheError, ArtifactError, CheckpointError, ResumeError,
-            LaunchError, TrainingDiverged, FileNotFoundError)
+            LaunchError, TrainingDiverged)
+
+
+DEBUG_ENV = "AEKT_DEBUG"
+
+# What to do about an operating-system error, by errno: these are the machine's state (a full disk,
+# a read-only mount, a path that is a file), not bugs, so they get a message instead of a traceback.
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full; free space (or point the output elsewhere) and rerun — outputs that "
+                  "existed before this command are unchanged",
+    errno.EFBIG: "the file grew past the size this process may write (disk quota or `ulimit -f`); raise the "
+                 "limit or free space and rerun — existing outputs are unchanged",
+    errno.EDQUOT: "the disk quota is exhausted; free space and rerun — existing outputs are unchanged",
+    errno.EACCES: "permission denied; make the path writable/readable by this user or choose another path",
+    errno.EPERM: "operation not permitted; make the path writable by this user or choose another path",
+    errno.EROFS: "the file system is read-only; write the outputs elsewhere",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; move that file or choose another path",
+    errno.EISDIR: "this path is a folder where a file is expected; pass a file path",
+    errno.ENOENT: "no such file or folder; check the path (run from the repository root, or rerun the stage "
+                  "that writes it)",
+    errno.EEXIST: "the path already exists; remove it or choose another path",
+    errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
+    errno.EMFILE: "too many open files; raise `ulimit -n` or lower the worker count",
+}
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def os_error_message(err: OSError) -> str:
+    """One paragraph for an OSError: the path, what the system said, and the fix."""
+    if err.errno is None:  # raised by our own code with a complete message
+        return user_message(err)
+    path = err.filename if err.filename is not None else "(no path)"
+    if err.filename2 is not None:
+        path = f"{path} -> {err.filename2}"
+    reason = err.strerror or type(err).__name__
+    fix = _OS_FIXES.get(err.errno or -1, "check the path and the machine, then rerun")
+    return f"{path}: {reason} [errno {err.errno}]; {fix}."
 
 
 def stage(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Configure logging and turn user errors into a non-zero exit with the message."""
+    """Configure logging and turn expected failures into one paragraph and a non-zero exit.
+
+    Expected failures are the project's user errors (bad input, bad params, damaged data) and
+    operating-system errors (disk full, permissions, missing paths). Anything else is a bug and
+    keeps its traceback. `aekt --debug` (or AEKT_DEBUG=1) shows the traceback for every failure.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -52,7 +98,13 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except user_errors() as err:
+            if debug_enabled():
+                raise
             raise click.ClickException(user_message(err)) from err
+        except OSError as err:
+            if debug_enabled():
+                raise
+            raise click.ClickException(os_error_message(err)) from err
 
     return wrapper
 

@@ -48,7 +48,7 @@ teacher: {arch: digits_cnn, epochs: 3, batch_size: 32, lr: 0.05, lr_schedule: co
 cache: {codec: fp32, batch_size: 64}
 student: {arch: digits_mlp}
 loss: {name: aekt, warmup_epochs: 1}
-train: {recipe: digits, epochs: 3, batch_size: 32, lr: 0.05}
+train: {epochs: 3, batch_size: 32, lr: 0.05}
 eval: {batch_size: 128}
 """
 

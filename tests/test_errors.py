@@ -67,6 +67,11 @@ def params(section: str, key: str, value: object) -> Mutate:
     return lambda root: write_params(root, **{section: {key: value}})
 
 
+def raw_params(content: bytes) -> Mutate:
+    """Replace params.yaml by these bytes (what a bad editor save or a bad merge leaves)."""
+    return lambda root: (root / "params.yaml").write_bytes(content)
+
+
 def edit_manifest(change: Callable[[dict], None], *, rehash: bool) -> Mutate:
     """Edit the manifest's JSON; ``rehash`` keeps it self-consistent (a real, other dataset)."""
     def mutate(root: Path) -> None:
@@ -196,6 +201,30 @@ CASES: list[tuple[str, list[str], Mutate, tuple[str, ...]]] = [
      ("params.yaml augment.views", "0 is below the minimum 1",)),
     ("params-not-a-choice", STUDENT, params("loss", "name", "kdd"),
      ("params.yaml loss.name", "'kdd' is not one of", "Did you mean 'kd'?")),
+    ("params-nan", STUDENT, params("loss", "tau", float("nan")),
+     ("params.yaml loss.tau", "nan is not a finite number")),
+    ("params-inf-warmup", STUDENT, params("loss", "warmup_epochs", float("inf")),
+     ("params.yaml loss.warmup_epochs", "inf is not a finite number")),
+    ("params-huge-batch", STUDENT, params("train", "batch_size", 1_000_000_000),
+     ("params.yaml train.batch_size", "is above the maximum")),
+    ("params-huge-epochs", STUDENT, params("train", "epochs", 10**23),
+     ("params.yaml train.epochs", "is above the maximum")),
+    ("params-retired-recipe", STUDENT, params("train", "recipe", "cifar_240ep"),
+     ("params.yaml train.recipe", "was removed", "presets/cifar10.yaml")),
+    ("params-malformed-yaml", CACHE, raw_params(b"cache:\n  codec: [fp16\n"),
+     ("params.yaml line", "not valid YAML", "git checkout -- params.yaml")),
+    ("params-binary", EVALUATE, raw_params(bytes(range(256))),
+     ("params.yaml", "not a UTF-8 text file", "git checkout -- params.yaml")),
+    ("params-python-tag", STUDENT, raw_params(b"train: !!python/object/apply:os.system [touch pwned]\n"),
+     ("params.yaml line 1", "no tags such as !!python", "Remove the tag")),
+    ("params-non-string-key", STUDENT, raw_params(b"train:\n  1: 2\n"),
+     ("params.yaml train", "key 1 is not a name")),
+    ("params-scalar-section", STUDENT, raw_params(b"train: 5\n"),
+     ("params.yaml train", "expected a mapping of keys to values, got int 5")),
+    ("params-list-section", CACHE, raw_params(b"cache:\n  - fp16\n"),
+     ("params.yaml cache", "expected a mapping of keys to values, got list")),
+    ("params-list-file", CACHE, raw_params(b"- cache\n- train\n"),
+     ("params.yaml", "expected a mapping of sections")),
 ]
 if not torch.cuda.is_available():  # the case only exists on a machine without a GPU (CI's)
     CASES.append(("eval-device-cuda-without-gpu", EVALUATE, params("eval", "device", "cuda"),

@@ -34,6 +34,14 @@ def test_lr_schedules_are_pure_functions_of_progress() -> None:
     assert lr_at(0.0, cosine) == 1.0 and lr_at(0.5, cosine) == pytest.approx(0.5) and lr_at(1.0, cosine) == 0
 
 
+def test_lr_warmup_ramps_linearly_then_follows_the_schedule() -> None:
+    warm = ScheduleConfig(epochs=10, lr_schedule="multistep", milestones=(0.5,), lr_gamma=0.1, lr_warmup_epochs=2)
+    # progress 0.1 = epoch 1 of a 2-epoch warm-up: half the lr; from 0.2 on the schedule alone.
+    assert [lr_at(p, warm) for p in (0.0, 0.1, 0.2, 0.4, 0.6)] == pytest.approx([0, 0.5, 1, 1, 0.1])
+    constant = ScheduleConfig(epochs=4, lr_schedule="constant", lr_warmup_epochs=1)
+    assert lr_at(0.125, constant) == pytest.approx(0.5) and lr_at(0.9, constant) == 1.0
+
+
 def test_cached_and_online_teacher_give_the_same_loss(tiny_pipeline: Path) -> None:
     params = load_params(tiny_pipeline / "params.yaml")
     loss = section(params, "loss")

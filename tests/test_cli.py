@@ -1,0 +1,48 @@
+"""The one error path every command shares (stages/common.py): expected failures are one paragraph
+without a traceback; `aekt --debug` / AEKT_DEBUG=1 shows the traceback; OS errors name path and fix."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from stages.common import DEBUG_ENV, os_error_message
+from tests.pipeline_fixture import COMMANDS, aekt_inproc, user_error
+
+
+@pytest.mark.parametrize(("code", "fragment"), [
+    (errno.ENOSPC, "the disk is full"), (errno.EFBIG, "ulimit -f"), (errno.EACCES, "permission denied"),
+    (errno.ENOTDIR, "is a file, not a folder"), (errno.EROFS, "read-only"),
+])
+def test_os_errors_name_the_path_and_the_fix(code: int, fragment: str) -> None:
+    message = os_error_message(OSError(code, os.strerror(code), "models/student.safetensors"))
+    assert message.startswith("models/student.safetensors: ") and fragment in message
+    assert f"errno {code}" in message and "\n" not in message
+
+
+def test_an_os_error_raised_with_our_own_message_keeps_it() -> None:
+    assert os_error_message(FileNotFoundError("manifest x.json: not found; run `aekt prepare`")) == \
+        "manifest x.json: not found; run `aekt prepare`"
+
+
+def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_text("train: [1\n")
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests/digits.json").write_text("{}")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert "not valid YAML" in user_error(aekt_inproc(COMMANDS["student"], tmp_path))
+    debug = aekt_inproc(["--debug", *COMMANDS["student"]], tmp_path)
+    os.environ.pop(DEBUG_ENV, None)  # the flag sets it for child processes; keep other tests clean
+    assert isinstance(debug.exception, ConfigError) and debug.exit_code != 0
+
+
+def test_cli_lists_debug_and_the_stages() -> None:
+    result = aekt_inproc(["--help"], Path.cwd())
+    assert result.exit_code == 0 and "--debug" in result.output
+    for name in ("prepare", "teacher", "cache", "student", "evaluate", "verify-cache", "inspect"):
+        assert name in result.output
