@@ -40,12 +40,15 @@ class TrainingDiverged(RuntimeError):
 
 
 def lr_at(progress: float, sched: ScheduleConfig) -> float:
-    """Learning-rate multiplier at ``progress`` in [0, 1] of the run (pure function of the step)."""
+    """Learning-rate multiplier at ``progress`` in [0, 1] of the run (pure function of the step):
+    a linear warm-up over the first ``lr_warmup_epochs``, times the schedule."""
+    warm = sched.lr_warmup_epochs / sched.epochs
+    ramp = min(1.0, progress / warm) if warm > 0 else 1.0
     if sched.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     if sched.lr_schedule == "multistep":
-        return sched.lr_gamma ** sum(progress >= m for m in sched.milestones)
-    return 1.0
+        return ramp * sched.lr_gamma ** sum(progress >= m for m in sched.milestones)
+    return ramp
 
 
 @dataclass
