@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +50,9 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dvc_repro_runs_the_whole_pipeline(reproduced: Path) -> None:
-    for path in ("manifests/digits.json", "data/shards/train-00000.tar", "models/teacher.safetensors",
-                 "models/teacher.json", "cache/digits-digits_cnn.zarr/zarr.json",
-                 "models/student.safetensors", "metrics/student.json", "metrics/eval.json",
+    for path in ("manifests/digits.json", "data/shards/digits/train-00000.tar", "models/digits/teacher.safetensors",
+                 "models/digits/teacher.json", "cache/digits-digits_cnn.zarr/zarr.json",
+                 "models/digits/student.safetensors", "metrics/student.json", "metrics/eval.json",
                  "plots/train.csv", "plots/eval/confusion.png"):
         assert (reproduced / path).exists(), path
     teacher = json.loads((reproduced / "metrics/teacher.json").read_text())
@@ -99,9 +101,57 @@ def test_distillation_from_the_cache_beats_ce_only(reproduced: Path, tmp_path: P
         params_file.write_text(yaml.safe_dump(variant))
         metrics = tmp_path / f"{loss}.json"
         run(["aekt", "student", "--params", str(params_file), "--manifest", "manifests/digits.json",
+             "--shards-dir", "data/shards/digits", "--teacher", "models/digits/teacher.safetensors",
              "--store", "cache/digits-digits_cnn.zarr", "--out", str(tmp_path / f"{loss}.safetensors"),
              "--metrics", str(metrics), "--history", str(tmp_path / f"{loss}.csv"),
              "--checkpoints", str(tmp_path / f"ckpt-{loss}"), "--no-progress"], reproduced)
         top1[loss] = json.loads(metrics.read_text())["final_top1"]
     assert top1["kd"] > top1["ce"] + 0.02, top1
     assert top1["aekt"] > top1["ce"] + 0.02, top1
+
+
+def _commit_all(repo: Path, message: str) -> None:
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message, "--allow-empty"], repo)
+
+
+def _wait_for_queue(repo: Path, names: list[str], timeout_s: float = 480) -> str:
+    """`dvc queue status` once every named experiment has ended (bounded in time)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        table = run(["dvc", "queue", "status"], repo).stdout
+        rows = {name: line for line in table.splitlines() for name in names if f" {name} " in f" {line} "}
+        if len(rows) == len(names) and all(re.search(r"\b(Success|Failed)\b", r) for r in rows.values()):
+            return table
+        time.sleep(2)
+    raise AssertionError(f"queue did not finish in {timeout_s} s:\n{table}")
+
+
+def test_queued_sweep_runs_only_the_student_from_the_one_stage_1(reproduced: Path) -> None:
+    """Two queued experiments (`dvc exp run --queue -S …`, `dvc queue start`): each temporary workspace
+    checks shards, teacher and store out of the DVC cache (hard links), so only student and evaluate
+    run; both results appear in `dvc exp show`. Stage 1 runs zero extra times."""
+    _commit_all(reproduced, "dvc repro")
+    names = []
+    for overrides in (["-S", "loss.beta=6", "-S", "train.lr=0.05"], ["-S", "train.epochs=5"]):
+        out = run(["dvc", "exp", "run", "--queue", *overrides], reproduced).stdout
+        names.append(re.search(r"Queued experiment '([^']+)'", out).group(1))
+    try:
+        run(["dvc", "queue", "start", "-j", "1"], reproduced)
+        table = _wait_for_queue(reproduced, names)
+        assert table.count("Success") >= 2, table
+        for name in names:
+            log = run(["dvc", "queue", "logs", name], reproduced).stdout
+            assert ran_stages(log) == {"student", "evaluate"}, log
+            for skipped in ("prepare", "teacher", "cache"):
+                assert f"Stage '{skipped}' didn't change, skipping" in log, log
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=reproduced, capture_output=True, timeout=60)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], reproduced).stdout)
+    experiments = {e["revs"][0]["name"]: e["revs"][0] for row in shown for e in (row.get("experiments") or [])}
+    for name, epochs in zip(names, (None, 5), strict=True):
+        data = experiments[name]["data"]
+        student = data["metrics"]["metrics/student.json"]["data"]
+        assert 0.1 < student["final_top1"] <= 1.0
+        if epochs:
+            assert student["epochs"] == epochs and data["params"]["params.yaml"]["data"]["train"]["epochs"] == epochs
