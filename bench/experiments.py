@@ -133,7 +133,8 @@ def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: 
     history = read_history(paths.history)
     return {"method": label, "seed": seed, "final_top1": metrics["final_top1"],
             "best_top1": metrics["best_top1"], "best_epoch": metrics["best_epoch"],
-            "epochs": metrics["epochs"], "final_terms": metrics["final_terms"],
+            "epochs": metrics["epochs"], "final_terms": {k: v[-1] for k, v in history.items()
+                                                         if k.startswith(("loss_", "stat_", "grad_"))},
             "history": history,
             "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
             "checkpoint": str(out / "ckpt") if keep_checkpoint else None}

@@ -62,8 +62,20 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     plt.close(fig)
 
 
+def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> float:
+    """Share of test samples where the student's top-1 class is the teacher's (distillation fidelity,
+    independent of the labels)."""
+    return float((student_logits.argmax(1) == teacher_logits.argmax(1)).mean())
+
+
+# eval.json is a row of `dvc exp show`: the scalars to compare. Per-class accuracy is in
+# plots/eval/per_class.csv (and its chart), not here.
+METRIC_KEYS = ("top1", "num_samples", "teacher_top1", "teacher_agreement")
+
+
 def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, metrics_path: Path,
-                 plots_dir: Path, cfg: EvalConfig, aug: AugmentConfig) -> dict[str, Any]:
+                 plots_dir: Path, cfg: EvalConfig, aug: AugmentConfig,
+                 teacher_path: Path | None = None) -> dict[str, Any]:
     model, card = load_model(model_path)
     manifest = Manifest.load(manifest_path)
     spec = StreamSpec(manifest_path=manifest_path, shards_dir=shards_dir, split="test", recipe=aug.recipe,
@@ -71,11 +83,23 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
     device = inference_device(cfg.device, "params.yaml eval.device")
     logits, labels = predict(model.to(device), ShardStream(spec), device=device, batch_size=cfg.batch_size,
                              workers=cfg.workers)
+    model.cpu()
     classes = list(manifest.classes)
     report = {"model": str(model_path), "arch": card["arch"], **accuracy_report(logits, labels, classes,
                                                                                 cfg.top_k)}
-    write_metrics(metrics_path, report)
+    if teacher_path is not None:
+        teacher = load_model(teacher_path)[0]
+        t_logits, t_labels = predict(teacher.to(device), ShardStream(spec), device=device,
+                                     batch_size=cfg.batch_size, workers=cfg.workers)
+        teacher.cpu()
+        assert (t_labels == labels).all()  # one deterministic stream: same samples, same order
+        report["teacher_top1"] = float((t_logits.argmax(1) == labels).mean())
+        report["teacher_agreement"] = teacher_agreement(logits, t_logits)
+    topk = next(k for k in report if k.startswith("top") and k != "top1")
+    write_metrics(metrics_path, {k: report[k] for k in (*METRIC_KEYS[:1], topk, *METRIC_KEYS[1:]) if k in report})
     plots_dir.mkdir(parents=True, exist_ok=True)
+    # Per-class detail for people and `aekt inspect --eval-metrics` (reads per_class_top1).
+    write_metrics(plots_dir / "per_class.json", {"per_class_top1": report["per_class_top1"]})
     with (plots_dir / "per_class.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "top1"])

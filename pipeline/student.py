@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,23 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# The schedule keys a sweep varies most, echoed in the metrics file so `dvc exp show` and scripts
+# reading metrics/student.json see what ran beside what it scored (the card has the full config).
+SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "lr_warmup_epochs")
+
+
+def student_metrics(history: list[dict[str, Any]], *, loss: LossConfig, train: TrainConfig, seconds: float,
+                    teacher_mode: str) -> dict[str, Any]:
+    """The scalars users compare across runs. Per-term losses, gradient norms, w statistics and
+    per-epoch speed are in the history CSV (plots/train.csv), not here: a metrics file is a table row."""
+    final, best = history[-1], max(history, key=lambda r: r["test_top1"])
+    return {"final_top1": final["test_top1"], "final_top5": final["test_top5"],
+            "best_top1": best["test_top1"], "best_epoch": best["epoch"], "epochs": len(history),
+            "final_loss": final["loss/total"],
+            "seconds": round(seconds, 2), "loss": loss.name, "teacher_mode": teacher_mode,
+            "train": {k: getattr(train, k) for k in SCHEDULE_KEYS}}
+
+
 def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConfig, train: TrainConfig,
                   cache: CacheConfig, aug: AugmentConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
@@ -89,19 +107,17 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
         fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
         desc=f"student[{loss.name}]", compile_loss=train.compile_loss)
+    start = time.perf_counter()
     model, history = fit(job)
-    final, best = history[-1], max(history, key=lambda r: r["test_top1"])
-    metrics = {"final_top1": final["test_top1"], "final_top5": final["test_top5"],
-               "best_top1": best["test_top1"], "best_epoch": best["epoch"], "epochs": len(history),
-               "loss": loss.name, "teacher_mode": "online" if teacher is not None else
-               ("none" if loss.name == "ce" else "cached"),
-               "final_terms": {k: v for k, v in final.items() if k.startswith(("loss/", "stat/", "grad/"))},
-               "img_per_s_mean": sum(r["img_per_s"] for r in history) / len(history)}
+    metrics = student_metrics(history, loss=loss, train=train, seconds=time.perf_counter() - start,
+                              teacher_mode="online" if teacher is not None else
+                              ("none" if loss.name == "ce" else "cached"))
+    final = history[-1]
     if is_main_process():
         card = {"arch": student.arch, "num_classes": manifest.num_classes,
                 "in_channels": manifest.channels, "classes": list(manifest.classes),
                 "recipe": aug.recipe, "image_size": aug.size, "dataset": manifest.dataset,
-                "manifest_sha256": manifest.sha256, "loss": asdict(loss),
+                "manifest_sha256": manifest.sha256, "loss": asdict(loss), "train": train.to_dict(),
                 "cache": None if store is None else asdict(store.provenance),
                 "test_top1": final["test_top1"]}
         save_model(model.backbone, paths.model_out, card)  # the head is dropped: z_cls only

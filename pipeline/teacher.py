@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
 def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metrics_path: Path,
                 history_path: Path, cfg: TeacherConfig, aug: AugmentConfig,
                 progress: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
     manifest = Manifest.load(manifest_path)
     common = dict(manifest_path=manifest_path, shards_dir=shards_dir, recipe=aug.recipe,
                   image_size=aug.size, aug_seed=aug.seed + TEACHER_SEED_OFFSET, views=cfg.epochs,
@@ -64,13 +66,16 @@ def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metri
         wrapped, history = fit(job)
         model, top1 = wrapped.backbone, history[-1]["test_top1"]
         source = {"kind": "trained", "config": asdict(cfg)}
-    metrics = {"arch": cfg.arch, "test_top1": top1, "epochs": len(history), "source": source["kind"]}
+    metrics = {"arch": cfg.arch, "test_top1": top1, "epochs": len(history), "source": source["kind"],
+               "seconds": round(time.perf_counter() - start, 2)}
     if is_main_process():
         card = {"arch": cfg.arch, "num_classes": manifest.num_classes, "in_channels": manifest.channels,
                 "classes": list(manifest.classes), "recipe": aug.recipe, "dataset": manifest.dataset,
                 "manifest_sha256": manifest.sha256, "test_top1": top1, "source": source}
         metrics["sha256"] = save_model(model, model_out, card)["sha256"]
-        write_metrics(metrics_path, metrics)
+        # A metrics file is a row of `dvc exp show`: scalars to compare only (arch, source and the
+        # weights' sha256 are in the card beside the weights).
+        write_metrics(metrics_path, {k: metrics[k] for k in ("test_top1", "epochs", "seconds")})
         if history:
             write_history_csv(history_path, history)
     return metrics

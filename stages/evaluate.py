@@ -15,14 +15,19 @@ from stages.common import MANIFEST_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_se
 @SHARDS_OPTION
 @click.option("--metrics", default="metrics/eval.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plots", "plots_dir", default="plots/eval", show_default=True, type=click.Path(file_okay=False))
+@click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False),
+              help="Also score this teacher on the same test samples and report the student's top-1 "
+                   "agreement with it (teacher_agreement).")
 @stage
 def main(params_path: str, model_path: str, manifest_path: str, shards_dir: str, metrics: str,
-         plots_dir: str) -> None:
+         plots_dir: str, teacher_path: str | None) -> None:
     """Write metrics/eval.json, a per-class CSV and a confusion-matrix PNG."""
     from pipeline.evaluate import run_evaluate
 
     cfg, augment = read_sections(params_path, "eval", "augment")
     report = run_evaluate(model_path=Path(model_path), manifest_path=Path(manifest_path),
                           shards_dir=Path(shards_dir), metrics_path=Path(metrics),
-                          plots_dir=Path(plots_dir), cfg=cfg, aug=augment)
-    click.echo(f"{report['arch']}: test top-1 {report['top1']:.4f} on {report['num_samples']} samples")
+                          plots_dir=Path(plots_dir), cfg=cfg, aug=augment,
+                          teacher_path=Path(teacher_path) if teacher_path else None)
+    agreement = f", agrees with the teacher on {report['teacher_agreement']:.2%}" if teacher_path else ""
+    click.echo(f"{report['arch']}: test top-1 {report['top1']:.4f} on {report['num_samples']} samples{agreement}")
