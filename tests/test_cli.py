@@ -46,3 +46,31 @@ def test_cli_lists_debug_and_the_stages() -> None:
     assert result.exit_code == 0 and "--debug" in result.output
     for name in ("prepare", "teacher", "cache", "student", "evaluate", "verify-cache", "inspect"):
         assert name in result.output
+
+
+def test_preset_args_round_trip_through_the_params_loader(repo_root: Path, tmp_path: Path) -> None:
+    """`aekt preset-args PRESET` gives `-S key=value` pairs that rebuild the preset's values."""
+    import yaml
+
+    from pipeline.config import SECTIONS, load_params, section
+    from stages.preset import set_param_args
+
+    for preset in sorted((repo_root / "presets").glob("*.yaml")):
+        params = load_params(preset)
+        args = set_param_args(params)
+        assert args[::2] == ["-S"] * (len(args) // 2) and all(" " not in a for a in args)
+        rebuilt: dict = {}
+        for pair in args[1::2]:
+            key, value = pair.split("=", 1)
+            name, field = key.split(".")
+            rebuilt.setdefault(name, {})[field] = yaml.safe_load(value) if value != "no" else "no"
+        path = tmp_path / preset.name
+        path.write_text(yaml.safe_dump(rebuilt))
+        again = load_params(path)
+        assert {n: section(again, n) for n in SECTIONS} == {n: section(params, n) for n in SECTIONS}
+
+
+def test_preset_args_pins_a_relative_data_root(repo_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("data: {source: folder, root: imgs}\n")
+    result = aekt_inproc(["preset-args", "p.yaml"], tmp_path)
+    assert result.exit_code == 0 and f"data.root={tmp_path.resolve() / 'imgs'}" in result.output
