@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,10 +23,33 @@ PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", s
 MANIFEST_OPTION = click.option("--manifest", "manifest_path", required=True,
                                type=click.Path(exists=True, dir_okay=False),
                                help="Dataset manifest written by `aekt prepare`, e.g. manifests/digits.json.")
-SHARDS_OPTION = click.option("--shards-dir", default="data/shards", show_default=True,
-                             type=click.Path(file_okay=False), help="Folder of the WebDataset shards.")
-TEACHER_OPTION = click.option("--teacher", "teacher_path", default="models/teacher.safetensors", show_default=True,
-                              type=click.Path(dir_okay=False), help="Teacher weights (its card is beside them).")
+def _dataset_of(ctx: click.Context) -> str | None:
+    """data.name as the manifest records it, when --manifest was given (dvc.yaml's per-dataset layout)."""
+    manifest = ctx.params.get("manifest_path")
+    try:
+        name = json.loads(Path(manifest).read_text()).get("dataset") if manifest else None
+    except (OSError, ValueError, AttributeError):
+        return None  # the stage reports an unreadable manifest itself, with the fix
+    return name if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else None
+
+
+def _per_dataset(template: str, fallback: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def default(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            return value
+        name = _dataset_of(ctx)
+        return template.format(name=name) if name else fallback
+    return default
+
+
+SHARDS_OPTION = click.option("--shards-dir", default=None, callback=_per_dataset("data/shards/{name}", "data/shards"),
+                             type=click.Path(file_okay=False),
+                             help="Folder of the WebDataset shards [default: data/shards/<the manifest's dataset>].")
+TEACHER_OPTION = click.option("--teacher", "teacher_path", default=None,
+                              callback=_per_dataset("models/{name}/teacher.safetensors", "models/teacher.safetensors"),
+                              type=click.Path(dir_okay=False),
+                              help="Teacher weights, its card beside them [default: models/<the manifest's "
+                                   "dataset>/teacher.safetensors].")
 STORE_OPTION = click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
                             help="Zarr logit store, e.g. cache/digits-digits_cnn.zarr.")
 NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
