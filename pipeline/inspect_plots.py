@@ -7,7 +7,7 @@ head's weight matrix, which is too large for the report), so text, CSV and plots
 from __future__ import annotations
 
 import csv
-import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from pipeline.cache.outputs import write_files  # noqa: E402
+
 CSV_NAME = "per_class_confidence.csv"
 PNG_NAMES = ("per_class_confidence.png", "confidence_histogram.png", "reliability.png",
              "confused_pairs.png")
@@ -26,9 +28,11 @@ MAX_BARS = 60  # above this, bar charts show the 30 lowest and 30 highest classe
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -39,14 +43,12 @@ def _scope(report: dict[str, Any]) -> str:
 
 def write_csv(report: dict[str, Any], path: Path) -> Path:
     """One row per class in class order (stable for `dvc plots diff`)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "mean_pt", "q10", "q50", "q90", "accuracy"])
         for r in report["per_class"]:
             writer.writerow([r["class"], *(f"{r[k]:.6g}" for k in ("mean_pt", "q10", "q50", "q90",
                                                                     "accuracy"))])
-    os.replace(tmp, path)
     return path
 
 
@@ -188,15 +190,16 @@ def plot_head(report: dict[str, Any], weight: np.ndarray, classes: tuple[str, ..
 
 def write_plots(report: dict[str, Any], plots_dir: Path, *, head_weight: np.ndarray | None,
                 classes: tuple[str, ...]) -> list[Path]:
-    """Write the CSV and the PNGs into ``plots_dir``; returns their paths."""
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    out = [write_csv(report, plots_dir / CSV_NAME)]
+    """Write the CSV and the PNGs into ``plots_dir``; returns their paths. All or nothing: each file
+    is rendered to a temporary name and the set is renamed into place only once every file is
+    written, so a full disk leaves the previous plots as they were."""
+    writers = {plots_dir / CSV_NAME: partial(write_csv, report)}
     for name, fn in zip(PNG_NAMES, (plot_per_class, plot_histogram, plot_reliability, plot_pairs),
                         strict=True):
-        out.append(fn(report, plots_dir / name))
+        writers[plots_dir / name] = partial(fn, report)
     if head_weight is not None:
-        out.append(plot_head(report, head_weight, classes, plots_dir / HEAD_PNG))
-    return out
+        writers[plots_dir / HEAD_PNG] = partial(plot_head, report, head_weight, classes)
+    return write_files(writers, rerun="aekt inspect")
 
 
 def _pct(x: float | None) -> str:

@@ -34,6 +34,7 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
     """Cache teacher logits for every (view, shard); resumes, and splits work across processes
     (`torchrun --nproc_per_node N -m stages.cli cache ...` on CPU, `accelerate launch` on GPUs)."""
     from pipeline.cache.build import build_cache
+    from pipeline.cache.outputs import write_text
 
     cache, augment = read_sections(params_path, "cache", "augment")
     result = build_cache(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),
@@ -41,8 +42,7 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
                          aug=augment, rebuild=rebuild, progress=not no_progress)
     if result["disk_bytes"]:
         if summary:
-            Path(summary).parent.mkdir(parents=True, exist_ok=True)
-            Path(summary).write_text(json.dumps(result, indent=2) + "\n")
+            write_text(Path(summary), json.dumps(result, indent=2) + "\n", rerun="aekt cache")
         click.echo(f"cache {store_path}: {result['items_pending']} of {result['items_total']} (view, shard) "
                    f"items written in {result['seconds']:.1f}s; "
                    f"{sum(result['disk_bytes'].values()) / 1e6:.2f} MB on disk")

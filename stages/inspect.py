@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import write_json_atomic
 from stages.common import MANIFEST_OPTION, SHARDS_OPTION, stage
 
 
@@ -22,7 +21,8 @@ from stages.common import MANIFEST_OPTION, SHARDS_OPTION, stage
 @click.option("--student", "student_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Student weights; its serial head (student-head.safetensors beside it) is shown.")
 @click.option("--eval-metrics", "eval_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="metrics/eval.json: the student's per-class top-1 next to the teacher's p_t.")
+              help="plots/eval/per_class.json (written by `aekt evaluate`): the student's per-class top-1 next "
+                   "to the teacher's p_t.")
 @click.option("--plots", "plots_dir", default="plots/inspect", show_default=True,
               type=click.Path(file_okay=False), help="Folder for the PNGs and per_class_confidence.csv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
@@ -34,6 +34,7 @@ def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, class
          plots_dir: str, as_json: bool, json_out: str | None) -> None:
     """Teacher confidence report of the finished rows of STORE: per-class p_t, accuracy, ECE,
     non-target entropy, confused pairs and agreement across views, plus PNG plots and a CSV."""
+    from pipeline.cache.outputs import echo, write_text
     from pipeline.inspect_cache import inspect_store
     from pipeline.inspect_plots import format_text
 
@@ -44,5 +45,5 @@ def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, class
                            max_shards=max_shards, student_path=student_path and Path(student_path),
                            eval_path=eval_path and Path(eval_path), plots_dir=Path(plots_dir))
     if json_out:
-        write_json_atomic(json_out, report)
-    click.echo(json.dumps(report, indent=2) if as_json else format_text(report))
+        write_text(Path(json_out), json.dumps(report, indent=2, sort_keys=True) + "\n", rerun="aekt inspect")
+    echo(json.dumps(report, indent=2) if as_json else format_text(report), rerun="aekt inspect")

@@ -13,6 +13,7 @@ import torch
 from pipeline import augment
 from pipeline.artifacts import load_model
 from pipeline.cache.store import CacheError, LogitStore, Provenance
+from pipeline.cache.store_folder import refuse_to_replace
 from pipeline.cache.writer import (
     ShardSource,
     open_or_create,
@@ -55,6 +56,7 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
                 cfg: CacheConfig, aug: AugmentConfig, rebuild: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     """Write every missing (view, shard) chunk row; returns a summary (items, seconds, bytes)."""
+    refuse_to_replace(Path(store_path), quick=True)  # a wrong --store fails before any work or lock
     accelerator = make_accelerator(cpu=not torch.cuda.is_available())
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,87 +26,15 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.cache.codecs import CODEC_NAMES, Codec, make_codec
+# CacheError and Provenance are imported from here by the rest of the project.
+from pipeline.cache.errors import CacheError
+from pipeline.cache.provenance import SCHEMA_VERSION, Provenance
+from pipeline.cache.store_folder import refuse_to_replace, remove_leftover
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # A damaged chunk under matching provenance: `--rebuild` would keep the store, so it must go.
 _DELETE = "the store is corrupt — delete it and rerun `aekt cache` (or `dvc repro cache`)"
-
-
-class CacheError(ValueError):
-    """The logit store is missing, malformed, or does not match the inputs it is used with."""
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What a store was built from; stage 2 refuses a store whose provenance differs from its inputs."""
-
-    dataset: str
-    manifest_sha256: str
-    teacher_arch: str
-    teacher_sha256: str
-    teacher_precision: str  # cache.mixed_precision: bf16/fp16 teacher logits differ from fp32 ones
-    recipe: str
-    augment_seed: int
-    image_size: int
-    views: int
-    codec: str
-    codec_params: dict[str, Any]
-    num_classes: int
-    num_samples: int
-    shard_size: int
-    num_params: int
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_samples // self.shard_size)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_samples)
-
-    def make_codec(self) -> Codec:
-        return make_codec(self.codec, topk=int(self.codec_params.get("k", 20)))
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], where: str) -> Provenance:
-        """Validate the stored attrs against the schema (types, ranges) before anything uses them."""
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise CacheError(f"{where}: schema_version {attrs.get('schema_version')!r} is not "
-                             f"{SCHEMA_VERSION}; rebuild the store with `aekt cache --rebuild`.")
-        raw = attrs.get("provenance")
-        if not isinstance(raw, dict):
-            raise CacheError(f"{where}: attrs have no 'provenance' mapping; not a logit store written "
-                             "by `aekt cache`.")
-        expected = {f.name: f.type for f in fields(cls)}
-        missing = sorted(set(expected) - set(raw))
-        if missing:
-            raise CacheError(f"{where}: provenance lacks {', '.join(missing)}; rebuild the store with "
-                             "`aekt cache --rebuild`.")
-        types = {"str": str, "int": int, "dict[str, Any]": dict}
-        for name, type_name in expected.items():
-            value = raw[name]
-            want = types[str(type_name)]
-            if not isinstance(value, want) or isinstance(value, bool):
-                raise CacheError(f"{where}: provenance.{name} should be {want.__name__}, got {value!r}; "
-                                 "rebuild the store with `aekt cache --rebuild`.")
-        for name in ("views", "num_classes", "num_samples", "shard_size", "num_params"):
-            if raw[name] < 1:
-                raise CacheError(f"{where}: provenance.{name} must be >= 1, got {raw[name]}; rebuild "
-                                 "the store with `aekt cache --rebuild`.")
-        k = raw["codec_params"].get("k", 1)
-        if raw["codec"] not in CODEC_NAMES or set(raw["codec_params"]) - {"k"} or \
-                not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise CacheError(f"{where}: provenance codec {raw['codec']!r} with params "
-                             f"{raw['codec_params']!r} is not one of {', '.join(CODEC_NAMES)} (topk "
-                             "takes a positive integer k); rebuild the store with `aekt cache --rebuild`.")
-        return cls(**{k: raw[k] for k in expected})
-
-    def mismatches(self, other: Provenance) -> list[str]:
-        a, b = asdict(self), asdict(other)
-        return [f"{k}: store has {a[k]!r}, inputs give {b[k]!r}" for k in a if a[k] != b[k]]
 
 
 def _compressors(name: str, clevel: int) -> list[Any] | None:
@@ -129,8 +57,21 @@ class LogitStore:
         """The named zarr array, opened once: re-opening per chunk row re-reads its metadata and
         dominated read time for small rows (bench/cache_read)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            # Write every chunk, also one equal to the fill value (zarr skips those by default): a
+            # finished row's chunk files then always exist, so a missing one is damage.
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self._arrays[name] = self.group[name]
         return self._arrays[name]
+
+    def row_arrays(self) -> list[str]:
+        """The arrays one (view, shard) chunk row spans: the codec's and params."""
+        return [*self.codec.fields(self.provenance.num_classes), "params"]
+
+    def chunk_key(self, name: str, view: int, shard: int) -> str:
+        """Store key of the chunk of array ``name`` that holds row (view, shard)."""
+        arr = self.array(name)
+        coords = (view, shard, *([0] * (arr.ndim - 2)))
+        return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -153,10 +94,13 @@ class LogitStore:
     def create(cls, path: str | Path, prov: Provenance, *, compressor: str = "zstd",
                clevel: int = 3) -> LogitStore:
         path = Path(path)
+        refuse_to_replace(path)  # before anything is written: only our own store may be replaced
         # Built beside the store and renamed into place: a kill mid-creation leaves no store (a
-        # rerun creates it), never one without provenance that a plain rerun would refuse.
-        tmp = path.with_name(f".{path.name}.tmp-create")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # rerun creates it), never one without provenance that a plain rerun would refuse. An old
+        # store is renamed aside first, so `path` is never a half-deleted store either.
+        tmp, old = (path.with_name(f".{path.name}.{suffix}") for suffix in ("tmp-create", "tmp-old"))
+        for leftover in (tmp, old):
+            remove_leftover(leftover)
         group = zarr.open_group(str(tmp), mode="w")
         v, n, s = prov.views, prov.num_samples, prov.shard_size
         comp = _compressors(compressor, clevel)
@@ -170,8 +114,14 @@ class LogitStore:
                            compressors=None, fill_value=0)
         group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": asdict(prov)})
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)
         os.replace(tmp, path)
+        try:
+            shutil.rmtree(old)
+        except FileNotFoundError:
+            pass
+        except OSError as err:  # the new store is in place; the next create removes the rest
+            log.warning("%s: could not remove the replaced store (%s)", old, err)
         return cls(path, zarr.open_group(str(path), mode="r+"), prov)
 
     def _check_arrays(self) -> None:
@@ -198,8 +148,9 @@ class LogitStore:
                                  f"shard_size {prov.shard_size}; {rebuild}.")
 
     # ---- done markers --------------------------------------------------------------------------
-    def done_mask(self) -> np.ndarray:
-        """bool ``[V, n_shards]``; a marker chunk that cannot be read counts as not done."""
+    def marked_rows(self) -> np.ndarray:
+        """bool ``[V, n_shards]`` of set done markers; a marker chunk that cannot be read counts as
+        not done."""
         done = self.array("done")
         try:
             return done[:] == 1
@@ -213,6 +164,48 @@ class LogitStore:
                         log.warning("%s: unreadable done marker (%d, %d); redoing it", self.path, v, s)
             return mask
 
+    def done_mask(self) -> np.ndarray:
+        """bool ``[V, n_shards]`` of finished rows, for readers: raises if a finished row lacks a
+        chunk file (zarr would read it as zeros)."""
+        mask = self.marked_rows()
+        missing = self.missing_chunks(mask)
+        if missing:
+            view, shard, name = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise self._missing_error(view, shard, name, more)
+        return mask
+
+    def missing_chunks(self, mask: np.ndarray) -> list[tuple[int, int, str]]:
+        """(view, shard, array) of the rows in ``mask`` whose chunk file is absent; one listing of
+        each array's folder, so its cost grows with the file count, not with the samples."""
+        rows = [(int(v), int(s)) for v, s in np.argwhere(mask)]
+        if not rows:
+            return []
+        out = []
+        for name in self.row_arrays():
+            present = {os.path.relpath(os.path.join(root, f), self.path)
+                       for root, _, files in os.walk(self.path / name) for f in files}
+            out += [(v, s, name) for v, s in rows if self.chunk_key(name, v, s) not in present]
+        return [m for m in out if not (m[2] == "params" and self._params_all_fill(m[0], m[1]))]
+
+    def _params_all_fill(self, view: int, shard: int) -> bool:
+        """Whether row (view, shard)'s params are all zero, i.e. a chunk that stores written before
+        write_empty_chunks was set legitimately skipped (the params are a pure function, so this
+        is exact)."""
+        from pipeline import augment  # torch: only on this rare path
+
+        start, end = self.provenance.shard_range(shard)
+        expected = augment.sample_params(self.provenance.recipe, seed=self.provenance.augment_seed,
+                                         view=view, indices=np.arange(start, end))
+        return not expected.any()
+
+    def _missing_error(self, view: int, shard: int, name: str, more: str = "") -> CacheError:
+        return CacheError(f"{self.path}: the chunk file {self.chunk_key(name, view, shard)} ('{name}' of "
+                          f"view {view}, shard {shard}) is missing{more} although its done marker is "
+                          "set, so it would read as zeros; the store is damaged — rerun `aekt cache` "
+                          "(it rewrites rows whose chunk files are missing), or delete the store and "
+                          "rerun `aekt cache`.")
+
     def mark_done(self, view: int, shard: int) -> None:
         self.array("done")[view, shard] = 1
 
@@ -223,13 +216,22 @@ class LogitStore:
             self.array(name)[view, start:end] = values
         self.array("params")[view, start:end] = params
 
+    def _check_row_present(self, view: int, shard: int) -> None:
+        """Raise if a chunk file of row (view, shard) is absent: zarr would return the fill value.
+        One stat per array (the store is a local folder); zarr's own ``store.exists`` costs ~0.4 ms
+        per row through its IO thread, a stat a few microseconds."""
+        for name in self.row_arrays():
+            if not os.path.isfile(self.path / self.chunk_key(name, view, shard)) and \
+                    not (name == "params" and self._params_all_fill(view, shard)):
+                raise self._missing_error(view, shard, name)
+
     def read_row(self, view: int, shard: int, targets: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Decoded float32 logits ``[n, C]`` and params ``[n, P]`` of one (view, shard) chunk row."""
         start, end = self.provenance.shard_range(shard)
+        self._check_row_present(view, shard)
         try:
-            arrays = {name: self.array(name)[view, start:end]
-                      for name in [*self.codec.fields(self.provenance.num_classes), "params"]}
+            arrays = {name: self.array(name)[view, start:end] for name in self.row_arrays()}
         except Exception as err:  # zarr/numcodecs raise many types for a chunk that does not decode
             raise CacheError(f"{self.path}: cannot read chunk row (view {view}, shard {shard}): "
                              f"{type(err).__name__}: {err}; {_DELETE}.") from err

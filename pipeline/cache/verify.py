@@ -41,6 +41,13 @@ def kl_at(reference: np.ndarray, approx: np.ndarray, tau: float) -> np.ndarray:
 def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, teacher_path: Path,
                  cfg: CacheConfig, aug: AugmentConfig, samples: int = 64, seed: int = 0,
                  tolerance: float | None = None) -> dict[str, Any]:
+    """Recompute ``samples`` (view, sample) pairs; the report's ``failures`` say which check failed,
+    by how much, where it is worst, and what to do (empty when the store verifies)."""
+    if samples < 1:
+        raise CacheError(f"--samples {samples}: verify-cache needs at least 1 sample; pass e.g. --samples 64.")
+    if tolerance is not None and not tolerance >= 0:  # NaN fails `>= 0` too
+        raise CacheError(f"--tolerance {tolerance}: the max KL accepted must be a number >= 0; omit it "
+                         "for the codec's stated bound.")
     store = LogitStore.open(store_path)
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
@@ -49,7 +56,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
         raise CacheError(f"{store_path}: built from other inputs — " + "; ".join(diff) +
                          ". Rebuild it with `aekt cache --rebuild`.")
     prov = store.provenance
-    done = store.done_mask()
+    done = store.done_mask()  # raises if a finished row's chunk file is missing
     if not done.any():
         raise CacheError(f"{store_path}: no finished (view, shard) rows to verify; run `aekt cache`.")
     rng = np.random.default_rng(seed)
@@ -57,7 +64,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     picked = choices[rng.choice(len(choices), size=min(len(choices), max(1, samples // 8)), replace=False)]
     source = ShardSource(manifest, Path(shards_dir))
     teacher.eval()
-    fresh_all, stored_all, params_ok = [], [], True
+    fresh_all, stored_all, where, bad_params = [], [], [], []
     per_row = max(1, samples // len(picked))
     for view, shard in picked:
         keys, images, labels, indices = source.load(int(shard))
@@ -65,14 +72,17 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
         stored, params = store.read_row(int(view), int(shard), labels)
         expected = augment.sample_params(prov.recipe, seed=prov.augment_seed, view=int(view),
                                          indices=indices)
-        params_ok &= bool(np.array_equal(params, expected))
+        bad_params += [(int(view), int(indices[i]), keys[i], params[i].tolist(), expected[i].tolist())
+                       for i in np.flatnonzero((params != expected).any(axis=1))]
         views = augment_views(prov.recipe, [images[i] for i in rows], params[rows], prov.image_size)
         fresh = teacher_logits(teacher, views, prov.recipe, batch_size=cfg.batch_size,
                                device=torch.device("cpu"), mixed_precision="no")
         fresh_all.append(fresh)
         stored_all.append(stored[rows])
+        where += [{"view": int(view), "index": int(indices[i]), "key": keys[i]} for i in rows]
     fresh, stored = np.concatenate(fresh_all), np.concatenate(stored_all)
     kl1, kl4 = kl_at(fresh, stored, 1.0), kl_at(fresh, stored, 4.0)
+    abs_err = np.abs(fresh - stored).max(axis=1)
     prob_err = np.abs(torch.softmax(torch.from_numpy(fresh), 1).numpy()
                       - torch.softmax(torch.from_numpy(stored), 1).numpy()).max()
     disk = store.disk_bytes()
@@ -81,14 +91,45 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     report = {
         "store": str(store_path), "codec": prov.codec, "codec_params": prov.codec_params,
         "checked": int(len(fresh)), "rows_done": int(done.sum()), "rows_total": int(done.size),
-        "max_abs_logit_error": float(np.abs(fresh - stored).max()),
+        "max_abs_logit_error": float(abs_err.max()),
         "max_abs_prob_error_tau1": float(prob_err),
         "kl_tau1_mean": float(kl1.mean()), "kl_tau1_max": float(kl1.max()),
         "kl_tau4_mean": float(kl4.mean()), "kl_tau4_max": float(kl4.max()),
-        "params_replayable": params_ok, "kl_tolerance": limit,
+        "worst_kl_tau1": {**where[int(kl1.argmax())], "kl": float(kl1.max())},
+        "worst_abs_logit_error": {**where[int(abs_err.argmax())], "abs_error": float(abs_err.max())},
+        "params_replayable": not bad_params, "params_mismatches": len(bad_params), "kl_tolerance": limit,
         "raw_bytes_per_sample_view": prov.make_codec().raw_bytes_per_row(prov.num_classes),
         "disk_bytes_per_sample_view": payload / (prov.views * prov.num_samples),
         "disk_bytes": disk,
     }
-    report["ok"] = bool(params_ok and report["kl_tau1_max"] <= limit)
+    report["failures"] = failures(report, prov.teacher_precision, bad_params[:1])
+    report["ok"] = not report["failures"]
     return report
+
+
+def failures(report: dict[str, Any], teacher_precision: str, bad_params: list[tuple]) -> list[str]:
+    """One sentence per failed check: what was measured, the bound, where it is worst."""
+    out = []
+    if bad_params:
+        view, index, key, got, want = bad_params[0]
+        out.append(f"the stored augmentation params differ from the (seed, view, index) generator's for "
+                   f"{report['params_mismatches']} checked samples (first: view {view}, sample index "
+                   f"{index} '{key}': stored {got}, expected {want}), so stage 2 would not replay the "
+                   "views the teacher saw")
+    if not report["kl_tau1_max"] <= report["kl_tolerance"]:
+        worst, far = report["worst_kl_tau1"], report["worst_abs_logit_error"]
+        precision = (f"; the store was built with cache.mixed_precision={teacher_precision} and this "
+                     "check recomputes in fp32, so a larger --tolerance may be expected"
+                     if teacher_precision != "no" else "")
+        out.append(f"KL(fresh teacher || cached) at tau=1 reaches {report['kl_tau1_max']:.3g}, above the "
+                   f"{report['codec']} tolerance {report['kl_tolerance']:.3g} (worst: view "
+                   f"{worst['view']}, sample index {worst['index']} '{worst['key']}'; max |dlogit| "
+                   f"{far['abs_error']:.3g} at view {far['view']}, sample index {far['index']}){precision}")
+    return out
+
+
+def failure_message(report: dict[str, Any]) -> str:
+    """The one-paragraph error for a store that failed verification."""
+    return (f"{report['store']}: verification failed — " + "; ".join(report["failures"]) +
+            ". The store does not hold what this teacher computes on these views (damaged, or built "
+            "by other code): delete it and rerun `aekt cache` (or `dvc repro cache`).")

@@ -7,8 +7,11 @@ result does not depend on how the items were split (batches never cross a shard)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -22,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore, Provenance
+from pipeline.cache.store_folder import refuse_to_replace
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest, decode_image, read_shard
 
@@ -81,10 +85,24 @@ class _ViewItems(IterableDataset):
 
 @contextmanager
 def store_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock beside the store: a second `aekt cache` on the same store refuses to start."""
+    """Exclusive lock beside the store: a second `aekt cache` on the same store refuses to start.
+
+    The lock file is opened without truncating and without following a link, so whatever sits at
+    ``<store>.lock`` is never modified, and anything but a plain file there is refused."""
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
+    fix = ("`aekt cache` keeps its lock file at this path, beside the store; move it away (it is not "
+           "deleted) and rerun `aekt cache`")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        kinds = {errno.EISDIR: "a folder", errno.ELOOP: "a symbolic link", errno.ENXIO: "a socket"}
+        if err.errno not in kinds:
+            raise
+        raise CacheError(f"{lock_path}: is {kinds[err.errno]}, not a lock file; {fix}.") from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CacheError(f"{lock_path}: is not a plain file, not a lock file; {fix}.")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
@@ -94,7 +112,9 @@ def store_lock(path: Path) -> Iterator[None]:
 
 
 def open_or_create(path: Path, prov: Provenance, cfg: CacheConfig, *, rebuild: bool) -> LogitStore:
-    """Reuse a store built from the same inputs (resume), else rebuild it or refuse."""
+    """Reuse a store built from the same inputs (resume), else rebuild it or refuse. Only a folder
+    that is a logit store is ever replaced (``refuse_to_replace``)."""
+    refuse_to_replace(path, quick=True)
     if path.exists():
         try:
             store = LogitStore.open(path, mode="r+")
@@ -169,5 +189,11 @@ def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module
 
 
 def pending_items(store: LogitStore) -> list[tuple[int, int]]:
-    mask = store.done_mask()
+    """Rows without a done marker, and marked rows whose chunk files are missing (rewritten)."""
+    mask = store.marked_rows()
+    for view, shard, name in store.missing_chunks(mask):
+        if mask[view, shard]:
+            log.warning("%s: '%s' chunk of view %d, shard %d is missing although the row is marked "
+                        "done; rewriting the row", store.path, name, view, shard)
+        mask[view, shard] = False
     return [(int(v), int(s)) for v, s in np.argwhere(~mask)]
