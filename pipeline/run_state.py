@@ -32,22 +32,39 @@ class ResumeError(ValueError):
     """No usable checkpoint, or one written by a run with another configuration."""
 
 
+def checkpoint_dirs(ckpt_dir: Path) -> list[Path]:
+    """``epoch-N`` folders of ``ckpt_dir``, oldest first by the number N (as text, ``epoch-10000``
+    would sort before ``epoch-9999`` and pruning would delete the newest)."""
+    found = [p for p in ckpt_dir.glob("epoch-*") if re.fullmatch(r"epoch-\d+", p.name)]
+    return sorted(found, key=lambda p: (int(p.name[len("epoch-"):]), p.name))
+
+
 def save_checkpoint(ckpt_dir: Path, *, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> Path:
+                    state: dict[str, Any], replace_others: bool = False) -> Path:
+    """Write ``epoch-NNNN`` atomically, point ``latest.json`` at it, keep the ``KEEP`` newest.
+
+    ``replace_others`` (a fresh run's first checkpoint) deletes every other checkpoint, but only once
+    this one is in place: a run that fails while writing it (a full disk) leaves the older ones usable.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"epoch-{epoch:04d}"
     tmp = ckpt_dir / f".tmp-epoch-{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    files = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
-    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=2))
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        files = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
+        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     write_json_atomic(ckpt_dir / "latest.json", {"epoch": epoch, "dir": final.name})
-    for old in sorted(ckpt_dir.glob("epoch-*"))[:-KEEP]:
+    kept = checkpoint_dirs(ckpt_dir)
+    for old in [p for p in kept if p != final] if replace_others else kept[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -71,7 +88,7 @@ def _intact(path: Path) -> dict[str, Any] | None:
 def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     fingerprint: str) -> dict[str, Any]:
     """Restore the newest intact checkpoint into model/optimizer; returns its state.json."""
-    candidates = sorted(ckpt_dir.glob("epoch-*"), reverse=True)
+    candidates = checkpoint_dirs(ckpt_dir)[::-1]
     if not candidates:
         raise ResumeError(f"{ckpt_dir}: no checkpoint to resume from; run without --resume (and set "
                           "train.checkpoint_every > 0 to write checkpoints).")

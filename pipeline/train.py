@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -286,13 +285,12 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
                  row["test_top1"], row["img_per_s"])
         if job.ckpt_dir and job.checkpoint_every and epoch % job.checkpoint_every == 0:
             if accelerator.is_main_process:
-                if not job.resume and epoch == job.checkpoint_every:
-                    # A fresh run replaces an older run's checkpoints only once it has one of its own,
-                    # so a run that fails early leaves the previous checkpoints usable.
-                    shutil.rmtree(job.ckpt_dir, ignore_errors=True)
+                # A fresh run replaces an older run's checkpoints only once it has one of its own
+                # (written in full), so a run that fails early leaves the previous checkpoints usable.
                 save_checkpoint(job.ckpt_dir, epoch=epoch, model=accelerator.unwrap_model(model),
                                 optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                state={"fingerprint": job.fingerprint, "history": job.history})
+                                state={"fingerprint": job.fingerprint, "history": job.history},
+                                replace_others=not job.resume and epoch == job.checkpoint_every)
             accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model), job.history
 
