@@ -14,7 +14,15 @@ from pipeline.artifacts import save_model, sha256_file
 from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
-from pipeline.models import build_model, classifier_of, load_checkpoint, load_weights, torchvision_weights
+from pipeline.models import (
+    CheckpointError,
+    build_model,
+    classifier_of,
+    load_checkpoint,
+    load_weights,
+    torchvision_weights,
+)
+from pipeline.models.checkpoints import nonfinite_tensors
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import ShardStream, StreamSpec
 from pipeline.train import TrainJob, fit, inference_device, is_main_process, predict
@@ -33,6 +41,13 @@ def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
         state = load_checkpoint(cfg.checkpoint)
     else:
         state = torchvision_weights(cfg.arch, cfg.checkpoint)
+    bad = nonfinite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{cfg.checkpoint} (params.yaml teacher.checkpoint, {cfg.arch}): {len(bad)} "
+                              f"weight tensors hold NaN/inf ({shown}); the checkpoint is damaged or was "
+                              "saved from a diverged run. Use an intact checkpoint, or remove "
+                              "teacher.checkpoint to train the teacher.")
     load_weights(model, state, source=cfg.checkpoint)
     return model
 

@@ -28,6 +28,7 @@ from pipeline.config import ConfigError, LossConfig, ScheduleConfig
 from pipeline.distributed import make_accelerator
 from pipeline.heads import DistillStudent, build_param_groups
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, warmup_factor
+from pipeline.models.checkpoints import nonfinite_tensors
 from pipeline.run_state import load_checkpoint, save_checkpoint
 from pipeline.stream import ShardStream, StreamSpec
 
@@ -113,13 +114,29 @@ def probe_term_grads(cfg: LossConfig, z_cls: torch.Tensor, z_kd: torch.Tensor, t
         return term_grad_norms(out.terms, (a, b))
 
 
-def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+def _divergence_fix(section: str) -> str:
+    if section == "train":
+        return ("lower params.yaml train.lr or loss.head_lr_scale, or check the cached teacher logits "
+                "(`aekt verify-cache`). No model was written.")
+    return f"lower params.yaml {section}.lr (or add {section}.lr_warmup_epochs). No model was written."
+
+
+def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int, section: str = "train") -> None:
     """One host sync for all terms accumulated so far; called every NAN_CHECK_EVERY steps."""
     if term_sums and not bool(torch.isfinite(torch.stack(list(term_sums.values()))).all()):
         bad = [k for k, v in term_sums.items() if not torch.isfinite(v)]
         raise TrainingDiverged(f"loss became non-finite by epoch {epoch} step {step} (terms: {', '.join(bad)}); "
-                               "lower train.lr or loss.head_lr_scale, or check the cached teacher logits "
-                               "(`aekt verify-cache`). No model was written.")
+                               + _divergence_fix(section))
+
+
+def check_finite_weights(model: torch.nn.Module, desc: str, epoch: int, section: str) -> None:
+    """Refuse weights holding NaN/inf (the loss can stay finite while, e.g., a BatchNorm statistic
+    overflows), so no diverged model is checkpointed or exported."""
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise TrainingDiverged(f"{desc}: weights became non-finite (NaN/inf) by epoch {epoch} ({shown}); "
+                               + _divergence_fix(section))
 
 
 def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any, batch: dict,
@@ -195,8 +212,8 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
             seen += b
             bar.update(b)
             if step % NAN_CHECK_EVERY == 0:
-                check_finite(term_sums, epoch, step)
-    check_finite(term_sums, epoch, step)
+                check_finite(term_sums, epoch, step, sched.SECTION or "train")
+    check_finite(term_sums, epoch, step, sched.SECTION or "train")
     seconds = time.perf_counter() - start
     row: dict[str, Any] = {f"loss/{k}": float(v) / max(seen, 1) for k, v in term_sums.items()}
     row["loss/total"] = sum(row.values())
@@ -279,6 +296,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     log.info("%s: optimising %s", job.desc, describe_loss(job.loss, 1.0))
     for epoch in range(start, sched.epochs + 1):
         row = train_epoch(job, accelerator, model, optimizer, train_stream, epoch)
+        check_finite_weights(accelerator.unwrap_model(model), job.desc, epoch, sched.SECTION or "train")
         row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size), sched.workers))
         job.history.append(row)
         log.info("%s epoch %d: loss %.4f top1 %.4f (%.0f img/s)", job.desc, epoch, row["loss/total"],

@@ -131,6 +131,12 @@ def _state_dict_from(obj: object, path: Path) -> dict[str, Tensor]:
     return sd
 
 
+def nonfinite_tensors(state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf (a diverged or damaged model)."""
+    return [k for k, v in state_dict.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str) -> None:
     """Strictly load ``state_dict`` into ``model``, explaining any mismatch.
 
