@@ -20,6 +20,7 @@ from pipeline.config import AugmentConfig, CacheConfig, LossConfig, StudentConfi
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
 from pipeline.models import build_model, classifier_of
+from pipeline.models.registry import check_arch
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import StreamSpec
 from pipeline.train import TrainJob, fit, is_main_process
@@ -92,6 +93,7 @@ def student_metrics(history: list[dict[str, Any]], *, loss: LossConfig, train: T
 def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConfig, train: TrainConfig,
                   cache: CacheConfig, aug: AugmentConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
+    check_arch(student.arch, "student.arch")
     manifest = Manifest.load(paths.manifest)
     online = train.teacher == "online" or loss.name == "ce"
     store = None if online else check_store(paths, manifest, cache, aug, train)

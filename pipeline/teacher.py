@@ -23,6 +23,7 @@ from pipeline.models import (
     torchvision_weights,
 )
 from pipeline.models.checkpoints import nonfinite_tensors
+from pipeline.models.registry import check_arch
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import ShardStream, StreamSpec
 from pipeline.train import TrainJob, fit, inference_device, is_main_process, predict
@@ -55,6 +56,7 @@ def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
 def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metrics_path: Path,
                 history_path: Path, cfg: TeacherConfig, aug: AugmentConfig,
                 progress: bool = True) -> dict[str, Any]:
+    check_arch(cfg.arch, "teacher.arch")
     start = time.perf_counter()
     manifest = Manifest.load(manifest_path)
     common = dict(manifest_path=manifest_path, shards_dir=shards_dir, recipe=aug.recipe,

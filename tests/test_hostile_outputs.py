@@ -78,3 +78,18 @@ def test_an_imported_teacher_with_nan_weights_is_refused(pipe: Path) -> None:
     message = user_error(aekt_inproc(TEACHER, pipe))
     assert "nan.safetensors" in message and "NaN/inf" in message and first in message, message
     assert snapshot(pipe) == before
+
+
+# ---- 3. an unknown architecture is a params.yaml error before any work -------------------------
+
+@pytest.mark.parametrize(("section", "command", "typo", "meant"),
+                         [("student", "student", "digits_mlp_16", "digits_mlp16"),
+                          ("teacher", "teacher", "digit_cnn", "digits_cnn")])
+def test_an_unknown_arch_names_the_key_and_the_nearest_names(pipe: Path, section: str, command: str,
+                                                             typo: str, meant: str) -> None:
+    write_params(pipe, **{section: {"arch": typo}})
+    before = snapshot(pipe)
+    message = user_error(aekt_inproc(COMMANDS[command], pipe))
+    assert f"params.yaml {section}.arch" in message and repr(typo) in message, message
+    assert f"Did you mean {meant!r}" in message and "resnet32x4" in message, message
+    assert snapshot(pipe) == before

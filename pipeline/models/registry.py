@@ -13,9 +13,10 @@ from typing import Literal
 import torchvision
 from torch import nn
 
+from pipeline.config import ConfigError
 from pipeline.models import cifar_resnet, digits, mobilenetv2, shufflenet, vgg, wrn
 
-__all__ = ["ARCH_ATTR", "MODEL_NAMES", "build_model", "classifier_of", "count_parameters", "model_family"]
+__all__ = ["ARCH_ATTR", "MODEL_NAMES", "build_model", "check_arch", "classifier_of", "count_parameters", "model_family"]
 
 Family = Literal["digits", "cifar", "imagenet"]
 
@@ -69,11 +70,22 @@ _HEAD_ATTRS = ("fc", "classifier", "linear", "heads")
 ARCH_ATTR = "arch_name"
 
 
-def _unknown_name_error(name: str) -> ValueError:
+def _unknown_name_text(name: str) -> str:
     lowered = {n.lower(): n for n in MODEL_NAMES}
-    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(lowered[c]) for c in close)}?" if close else ""
-    return ValueError(f"Unknown model name {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}")
+    return f"Unknown model name {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}"
+
+
+def _unknown_name_error(name: str) -> ValueError:
+    return ValueError(_unknown_name_text(name))
+
+
+def check_arch(name: str, key: str) -> None:
+    """Refuse an architecture the registry cannot build, naming the params.yaml ``key`` (e.g.
+    ``student.arch``), before a stage does any expensive work."""
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"params.yaml {key}: {_unknown_name_text(name)}. Set {key} to one of these.")
 
 
 def model_family(name: str) -> Family:
