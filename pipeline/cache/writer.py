@@ -115,7 +115,7 @@ def open_or_create(path: Path, prov: Provenance, cfg: CacheConfig, *, rebuild: b
     """Reuse a store built from the same inputs (resume), else rebuild it or refuse. Only a folder
     that is a logit store is ever replaced (``refuse_to_replace``)."""
     refuse_to_replace(path, quick=True)
-    if path.exists():
+    if path.exists() and any(path.iterdir()):  # an empty folder (e.g. made by hand) is no store yet
         try:
             store = LogitStore.open(path, mode="r+")
             diff = store.provenance.mismatches(prov)
