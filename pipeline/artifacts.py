@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.models import build_model, load_weights
@@ -37,25 +41,82 @@ def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
+def with_path(err: OSError, path: str | Path) -> OSError:
+    """``err`` naming ``path`` when it names none (a failed write() reports no file name)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror, str(path))
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; on success it is renamed onto ``path`` (so a full
+    disk never leaves a partial file under the final name, and the previous file survives any
+    failure), on failure it is removed. OSErrors name ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise with_path(err, path) from err
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors ``save_file``, with an I/O failure (disk full) raised as the OSError it is."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_model(model: torch.nn.Module, weights: str | Path, card: dict[str, Any]) -> dict[str, Any]:
-    """Write ``weights`` (safetensors, atomically) and its card; returns the card with the sha256."""
+    """Write ``weights`` (safetensors) and its card, both or neither; returns the card with the sha256."""
     weights = Path(weights)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
-    card = {**card, "weights": weights.name, "sha256": sha256_file(weights)}
-    write_json_atomic(card_path(weights), card)
+    with atomic_path(weights) as tmp_weights, atomic_path(card_path(weights)) as tmp_card:
+        save_tensors(state, tmp_weights)
+        card = {**card, "weights": weights.name, "sha256": sha256_file(tmp_weights)}
+        tmp_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card
+
+
+def check_writable(*, folders: Mapping[str, str | Path] | None = None, **files: str | Path) -> None:
+    """Fail before any work when an output cannot be written: ``files`` and ``folders`` map the
+    option that named each output (``"--metrics"``) to its path. Each file's folder, and each
+    folder, must be (or be creatable as) a writable folder; a file path must not be a folder."""
+    for option, raw in [*files.items(), *(folders or {}).items()]:
+        path, want_folder = Path(raw), option in (folders or {})
+        problem = None
+        if want_folder and path.exists() and not path.is_dir():
+            problem = "this is a file, not a folder; move the file or pass another folder"
+        elif not want_folder and path.is_dir():
+            problem = "this is a folder where a file is expected; pass a file path"
+        else:
+            ancestor = path if want_folder else path.parent
+            while not ancestor.exists() and ancestor != ancestor.parent:
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                problem = (f"{ancestor} is a file, not a folder, so nothing can be written under it; "
+                           "move that file or choose another path")
+            elif not os.access(ancestor, os.W_OK | os.X_OK):
+                problem = (f"the folder {ancestor} is not writable by this user; fix its permissions or "
+                           "choose another path")
+        if problem:
+            raise ArtifactError(f"{option} {path}: {problem}. Nothing was run.")
 
 
 def read_card(weights: str | Path) -> dict[str, Any]:

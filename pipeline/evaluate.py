@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.artifacts import load_model  # noqa: E402
+from pipeline.artifacts import atomic_path, load_model  # noqa: E402
 from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
 from pipeline.reports import write_metrics  # noqa: E402
@@ -57,9 +57,11 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> float:
@@ -100,7 +102,7 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
     plots_dir.mkdir(parents=True, exist_ok=True)
     # Per-class detail for people and `aekt inspect --eval-metrics` (reads per_class_top1).
     write_metrics(plots_dir / "per_class.json", {"per_class_top1": report["per_class_top1"]})
-    with (plots_dir / "per_class.csv").open("w", newline="") as f:
+    with atomic_path(plots_dir / "per_class.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "top1"])
         writer.writerows([name, f"{acc:.4f}" if acc is not None else ""]

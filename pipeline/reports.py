@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import atomic_path, write_json_atomic
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
@@ -16,18 +15,14 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
 
 def write_history_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """One row per epoch; columns are the union of keys (first row's order first)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[c.replace("/", "_") for c in columns])
         writer.writeheader()
         for row in rows:
             writer.writerow({k.replace("/", "_"): _fmt(v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def _fmt(value: Any) -> Any:

@@ -9,6 +9,7 @@ intact checkpoint when the latest one is torn.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -19,9 +20,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pipeline.artifacts import sha256_file, write_json_atomic
+from pipeline.artifacts import save_tensors, sha256_file, with_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 KEEP = 2
@@ -52,13 +53,19 @@ def save_checkpoint(ckpt_dir: Path, *, epoch: int, model: torch.nn.Module, optim
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                     tmp / "model.safetensors")
+        # torch.save reports a failed write as a RuntimeError without the errno: serialise in
+        # memory, then write, so a full disk is the OSError it is.
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        (tmp / "optimizer.pt").write_bytes(buffer.getvalue())
         files = {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES}
         (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "files": files}, indent=2))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
+        if isinstance(err, OSError):
+            raise with_path(err, final) from err
         raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from pipeline.artifacts import load_model, read_card, save_model
+from pipeline.artifacts import atomic_path, load_model, read_card, save_model, save_tensors
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.config import AugmentConfig, CacheConfig, LossConfig, StudentConfig, TrainConfig
@@ -125,8 +124,8 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         save_model(model.backbone, paths.model_out, card)  # the head is dropped: z_cls only
         if model.serial_weight is not None:
             # Training-only FC_TS weight, kept beside the student for `aekt inspect --student`.
-            save_file({"fc_ts.weight": model.serial_weight.detach().cpu().contiguous()},
-                      str(paths.model_out.with_name("student-head.safetensors")))
+            with atomic_path(paths.model_out.with_name("student-head.safetensors")) as tmp:
+                save_tensors({"fc_ts.weight": model.serial_weight.detach().cpu().contiguous()}, tmp)
         write_metrics(paths.metrics, metrics)
         write_history_csv(paths.history, history)
     return metrics

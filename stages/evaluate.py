@@ -22,8 +22,10 @@ from stages.common import MANIFEST_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_se
 def main(params_path: str, model_path: str, manifest_path: str, shards_dir: str, metrics: str,
          plots_dir: str, teacher_path: str | None) -> None:
     """Write metrics/eval.json, a per-class CSV and a confusion-matrix PNG."""
+    from pipeline.artifacts import check_writable
     from pipeline.evaluate import run_evaluate
 
+    check_writable(**{"--metrics": metrics}, folders={"--plots": plots_dir})
     cfg, augment = read_sections(params_path, "eval", "augment")
     report = run_evaluate(model_path=Path(model_path), manifest_path=Path(manifest_path),
                           shards_dir=Path(shards_dir), metrics_path=Path(metrics),

@@ -36,8 +36,11 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
          no_progress: bool) -> None:
     """Train `student.arch` with `loss.name` (CE + AEKT by default), reading each shard's cached
     logits once per epoch; exports the student without its distillation head."""
+    from pipeline.artifacts import check_writable
     from pipeline.student import StudentPaths, train_student
 
+    check_writable(**{"--out": model_out, "--metrics": metrics, "--history": history},
+                   folders={"--checkpoints": checkpoints})
     student, loss, train, cache, augment = read_sections(
         params_path, "student", "loss", "train", "cache", "augment")
     paths = StudentPaths(manifest=Path(manifest_path), shards_dir=Path(shards_dir),

@@ -20,8 +20,10 @@ from stages.common import MANIFEST_OPTION, NO_PROGRESS_OPTION, PARAMS_OPTION, SH
 def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, metrics: str,
          history: str, no_progress: bool) -> None:
     """Train `teacher.arch` with CE on the shards (or import a checkpoint) and record its sha256."""
+    from pipeline.artifacts import check_writable
     from pipeline.teacher import run_teacher
 
+    check_writable(**{"--out": model_out, "--metrics": metrics, "--history": history})
     teacher, augment = read_sections(params_path, "teacher", "augment")
     result = run_teacher(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),
                          model_out=Path(model_out), metrics_path=Path(metrics),

@@ -9,15 +9,19 @@ or as a real process where the operating system has to refuse a write.
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.artifacts import ArtifactError, check_writable
 from pipeline.run_state import checkpoint_dirs, load_checkpoint, save_checkpoint
+from tests.conftest import cli_env
 from tests.pipeline_fixture import COMMANDS, aekt_inproc, copy_pipeline, snapshot, user_error, write_params
 
-TEACHER = COMMANDS["teacher"]
+STUDENT, TEACHER, EVALUATE = COMMANDS["student"], COMMANDS["teacher"], COMMANDS["evaluate"]
 
 
 # ---- 1. checkpoints are ordered by epoch number, not by folder name --------------------------
@@ -93,3 +97,65 @@ def test_an_unknown_arch_names_the_key_and_the_nearest_names(pipe: Path, section
     assert f"params.yaml {section}.arch" in message and repr(typo) in message, message
     assert f"Did you mean {meant!r}" in message and "resnet32x4" in message, message
     assert snapshot(pipe) == before
+
+
+# ---- 4. an output path that cannot be written is found before any work ------------------------
+
+def _replace_with_file(root: Path, rel: str) -> None:
+    import shutil
+
+    shutil.rmtree(root / rel)
+    (root / rel).write_text("a file where a folder belongs\n")
+
+
+@pytest.mark.parametrize(("command", "option", "folder"), [
+    ("student", "--metrics", "metrics"),
+    ("student", "--checkpoints", "runs"),
+    ("teacher", "--out", "models"),
+    ("evaluate", "--plots", "plots"),
+])
+def test_an_output_under_a_file_is_an_error_before_any_work(pipe: Path, command: str, option: str,
+                                                            folder: str) -> None:
+    _replace_with_file(pipe, folder)
+    write_params(pipe, train={"epochs": 100000}, teacher={"epochs": 100000})  # would run for hours
+    before = snapshot(pipe)
+    args = COMMANDS[command]
+    message = user_error(aekt_inproc(args, pipe))
+    assert message.startswith(f"{option} {args[args.index(option) + 1]}: "), message
+    assert "folder" in message and "Nothing was run" in message, message
+    assert snapshot(pipe) == before
+
+
+def test_check_writable_refuses_a_folder_for_a_file_and_a_file_for_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="^--out .*dir: this is a folder where a file is expected"):
+        check_writable(**{"--out": tmp_path / "dir"})
+    with pytest.raises(ArtifactError, match="^--plots .*file: this is a file, not a folder"):
+        check_writable(folders={"--plots": tmp_path / "file"})
+    check_writable(**{"--out": tmp_path / "new" / "deeper" / "m.safetensors"}, folders={"--plots": tmp_path / "p"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # checking creates nothing
+
+
+# ---- 5. a full disk while writing outputs leaves the previous outputs as they were ----------
+
+def _limit_file_size(limit: int):
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
+    return preexec
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 0], ids=["checkpoint-write", "model-write"])
+def test_a_full_disk_during_student_writes_keeps_the_previous_outputs(pipe: Path, checkpoint_every: int) -> None:
+    write_params(pipe, train={"checkpoint_every": checkpoint_every})
+    before = snapshot(pipe)
+    # Larger than the metrics/CSV/JSON files, smaller than the student's weights (~10 kB).
+    proc = subprocess.run(["aekt", *STUDENT], cwd=pipe, env=cli_env(), capture_output=True, text=True,
+                          timeout=120, preexec_fn=_limit_file_size(8000))
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "[errno 27]" in last, proc.stderr[-2000:]
+    assert snapshot(pipe) == before
+    leftovers = [p for p in pipe.rglob("*.tmp*") if p.name.startswith(".")]
+    assert not leftovers, leftovers
