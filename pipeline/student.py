@@ -22,6 +22,7 @@ from pipeline.models import build_model, classifier_of
 from pipeline.models.registry import check_arch
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import StreamSpec
+from pipeline.teacher import check_batch_size
 from pipeline.train import TrainJob, fit, is_main_process
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
                   progress: bool = True) -> dict[str, Any]:
     check_arch(student.arch, "student.arch")
     manifest = Manifest.load(paths.manifest)
+    check_batch_size(train.batch_size, manifest, "train.batch_size")
     online = train.teacher == "online" or loss.name == "ce"
     store = None if online else check_store(paths, manifest, cache, aug, train)
     teacher = load_model(paths.teacher)[0] if train.teacher == "online" and loss.name != "ce" else None

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import save_model, sha256_file
-from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
+from pipeline.config import AugmentConfig, ConfigError, LossConfig, TeacherConfig
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
 from pipeline.models import (
@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 # Teacher training draws its augmentations from another stream than the cached views, so the
 # views the cache stores are not the exact images the teacher was fitted on.
 TEACHER_SEED_OFFSET = 1_000_003
+
+
+def check_batch_size(batch_size: int, manifest: Manifest, key: str) -> None:
+    """A batch larger than the training split would make every epoch one short step (and say
+    nothing): refuse it before loaders are built."""
+    split = manifest.splits.get("train")
+    samples = split.num_samples if split is not None else 0
+    if batch_size > samples:
+        raise ConfigError(f"params.yaml {key}: {batch_size} is larger than the training split ({samples} "
+                          f"samples in {manifest.dataset!r}); set {key} to at most {samples} (typically "
+                          "64-256).")
 
 
 def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
@@ -74,6 +85,7 @@ def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metri
         source = {"kind": "imported", "checkpoint": cfg.checkpoint,
                   "checkpoint_sha256": sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None}
     else:
+        check_batch_size(cfg.batch_size, manifest, "teacher.batch_size")
         torch.manual_seed(cfg.seed)
         backbone = build_model(cfg.arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
         job = TrainJob(model=DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, "none"),

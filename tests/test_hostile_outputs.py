@@ -159,3 +159,14 @@ def test_a_full_disk_during_student_writes_keeps_the_previous_outputs(pipe: Path
     assert snapshot(pipe) == before
     leftovers = [p for p in pipe.rglob("*.tmp*") if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+# ---- 6. a batch larger than the training split ---------------------------------------------
+
+@pytest.mark.parametrize(("section", "command"), [("train", "student"), ("teacher", "teacher")])
+def test_a_batch_larger_than_the_training_split_is_a_params_error(pipe: Path, section: str, command: str) -> None:
+    write_params(pipe, **{section: {"batch_size": 100000}})
+    before = snapshot(pipe)
+    message = user_error(aekt_inproc(COMMANDS[command], pipe))
+    assert f"params.yaml {section}.batch_size: 100000" in message and "300 samples" in message, message
+    assert snapshot(pipe) == before
