@@ -75,7 +75,7 @@ def paths(repo: Path) -> dict[str, Path]:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     name, arch = params["data"]["name"], params["teacher"]["arch"]
     return {"manifest": repo / f"manifests/{name}.json", "store": repo / f"cache/{name}-{arch}.zarr",
-            "shards": repo / "data/shards", "teacher": repo / "models/teacher.safetensors"}
+            "shards": repo / f"data/shards/{name}", "teacher": repo / f"models/{name}/teacher.safetensors"}
 
 
 def test_manifest_is_cifar10_in_official_order(reproduced: Path) -> None:
