@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from pipeline.cache.store_folder import refuse_to_replace, remove_leftover
 
 log = logging.getLogger(__name__)
 
+# zarr.config.set is process-global: serialise our use of it (the stage-1 writer runs on a thread).
+_ZARR_CONFIG_LOCK = threading.Lock()
 # A damaged chunk under matching provenance: `--rebuild` would keep the store, so it must go.
 _DELETE = "the store is corrupt — delete it and rerun `aekt cache` (or `dvc repro cache`)"
 
@@ -59,7 +62,8 @@ class LogitStore:
         if name not in self._arrays:
             # Write every chunk, also one equal to the fill value (zarr skips those by default): a
             # finished row's chunk files then always exist, so a missing one is damage.
-            with zarr.config.set({"array.write_empty_chunks": True}):
+            # The setting is read when the array object is made.
+            with _ZARR_CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True}):
                 self._arrays[name] = self.group[name]
         return self._arrays[name]
 
