@@ -72,9 +72,9 @@ def everything(base: Path) -> dict[str, object]:
     return out
 
 
-def cache_with_store(store: str, *, rebuild: bool = True) -> list[str]:
-    args = [*CACHE[:STORE_AT], store, *CACHE[STORE_AT + 1:]]
-    return [*args, "--rebuild"] if rebuild else args
+def rebuild_into(store: str) -> list[str]:
+    """`aekt cache ... --store STORE --rebuild`, as `dvc repro cache` runs it."""
+    return [*CACHE[:STORE_AT], store, *CACHE[STORE_AT + 1:], "--rebuild"]
 
 
 # ---- 1. `--rebuild` deletes only a store -------------------------------------------------------
@@ -83,6 +83,11 @@ def _git_repo(root: Path) -> str:
     subprocess.run(["git", "init", "-q", str(root)], check=True, timeout=30)
     (root / ".git" / "precious").write_text("history\n")
     return "."
+
+
+def _git_repo_absolute(root: Path) -> str:
+    _git_repo(root)
+    return str(root)
 
 
 def _user_folder(root: Path) -> str:
@@ -120,8 +125,7 @@ REFUSALS = [
     ("models", lambda root: "models", ("models: not a logit store", "it has no zarr.json", "--store")),
     ("parent-of-the-store", lambda root: "cache", ("cache: not a logit store", "--store")),
     ("repo-dot", _git_repo, (". (", "a store needs a folder name of its own")),
-    ("repo-absolute", lambda root: (_git_repo(root), str(root))[1],
-     ("not a logit store", "it has no zarr.json")),
+    ("repo-absolute", _git_repo_absolute, ("not a logit store", "it has no zarr.json")),
     ("parent-of-the-repo", lambda root: "..", (".. (", "a store needs a folder name of its own")),
     ("user-folder", _user_folder, ("notes: not a logit store", "it has no zarr.json")),
     ("store-plus-user-file", _store_with("README.md"),
@@ -136,10 +140,11 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("setup", "fragments"), [c[1:] for c in REFUSALS], ids=[c[0] for c in REFUSALS])
-def test_rebuild_refuses_what_is_not_a_store_and_deletes_nothing(pipeline: Path, setup, fragments) -> None:
+def test_rebuild_refuses_what_is_not_a_store_and_deletes_nothing(
+        pipeline: Path, setup: Callable[[Path], str], fragments: tuple[str, ...]) -> None:
     store_arg = setup(pipeline)
     before = everything(pipeline.parent)
-    message = user_error(aekt_inproc(cache_with_store(store_arg), pipeline))
+    message = user_error(aekt_inproc(rebuild_into(store_arg), pipeline))
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
     assert everything(pipeline.parent) == before
