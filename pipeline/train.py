@@ -116,9 +116,9 @@ def probe_term_grads(cfg: LossConfig, z_cls: torch.Tensor, z_kd: torch.Tensor, t
 
 def _divergence_fix(section: str) -> str:
     if section == "train":
-        return ("lower params.yaml train.lr or loss.head_lr_scale, or check the cached teacher logits "
+        return ("lower train.lr or loss.head_lr_scale in params.yaml, or check the cached teacher logits "
                 "(`aekt verify-cache`). No model was written.")
-    return f"lower params.yaml {section}.lr (or add {section}.lr_warmup_epochs). No model was written."
+    return f"lower {section}.lr in params.yaml (or add {section}.lr_warmup_epochs). No model was written."
 
 
 def check_finite(term_sums: dict[str, torch.Tensor], epoch: int, step: int, section: str = "train") -> None:

@@ -64,7 +64,7 @@ def test_a_teacher_that_diverges_is_an_error_and_writes_nothing(pipe: Path) -> N
     write_params(pipe, teacher={"lr": 1000.0, "momentum": 0.99})
     before = snapshot(pipe)
     message = user_error(aekt_inproc(TEACHER, pipe))
-    assert "non-finite" in message and "params.yaml teacher.lr" in message, message
+    assert "non-finite" in message and "lower teacher.lr in params.yaml" in message, message
     assert snapshot(pipe) == before
 
 
