@@ -203,7 +203,7 @@ class ScheduleConfig(Section):
 
     epochs: int = _opt(30, lo=1, hi=MAX_EPOCHS)
     batch_size: int = _opt(64, lo=1, hi=MAX_SAMPLES)
-    lr: float = _opt(0.05, lo=0.0, hi=1e3)
+    lr: float = _opt(0.05, lo=0.0)
     momentum: float = _opt(0.9, lo=0.0, hi=1.0)
     weight_decay: float = _opt(5e-4, lo=0.0, hi=1.0)
     lr_schedule: str = _opt("multistep", choices=("multistep", "cosine", "constant"))
@@ -296,7 +296,7 @@ class TrainConfig(ScheduleConfig):
     RETIRED: ClassVar[dict[str, str]] = {"recipe": _RECIPE_GONE}
     # Defaults: the digits schedule of the embedded default pipeline (params.yaml writes them out).
     epochs: int = _opt(40, lo=1, hi=MAX_EPOCHS)
-    lr: float = _opt(0.01, lo=0.0, hi=1e3)
+    lr: float = _opt(0.01, lo=0.0)
     lr_schedule: str = _opt("cosine", choices=("multistep", "cosine", "constant"))
     view_policy: str = _opt("cycle", choices=("cycle", "random"))
     teacher: str = _opt("cached", choices=("cached", "online"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline.artifacts import read_card, save_model
 from pipeline.cache.store import LogitStore
 from pipeline.data.manifest import canonical_sha256
 from pipeline.models import build_model
+from tests.conftest import REPO
 from tests.pipeline_fixture import (
     COMMANDS,
     MANIFEST,
@@ -175,6 +177,8 @@ CASES: list[tuple[str, list[str], Mutate, tuple[str, ...]]] = [
      (STORE, "built from other inputs", "teacher_sha256: store has", "`aekt cache --rebuild`")),
     ("teacher-weights-edited", CACHE, edit_teacher_weights,
      (TEACHER, "does not match its card", "`aekt teacher`")),
+    ("teacher-weights-missing", CACHE, delete(TEACHER),
+     (TEACHER, "weights file not found (its card exists)",)),
     ("teacher-card-missing", CACHE, delete("models/teacher.json"),
      ("models/teacher.json", "model card not found", "`aekt teacher`")),
     ("cache-other-class-count", STUDENT, store_built_with(num_classes=12),
@@ -230,8 +234,49 @@ if not torch.cuda.is_available():  # the case only exists on a machine without a
     CASES.append(("eval-device-cuda-without-gpu", EVALUATE, params("eval", "device", "cuda"),
                   ("params.yaml eval.device", "no CUDA device", "set params.yaml eval.device to auto")))
 
-@pytest.mark.parametrize(("command", "mutate", "fragments"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+# ---- docs/errors.md drives the table --------------------------------------------------------
+
+DOC = REPO / "docs/errors.md"
+
+
+def doc_test_refs() -> list[list[str]]:
+    """The `test` cell of every row of every table in docs/errors.md, as a list of references."""
+    rows = []
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| message (gist)"):
+            cell = re.split(r"(?<!\\)\|", line.strip())[-2]
+            rows.append(re.findall(r"`([^`]+)`", cell))
+    return rows
+
+
+BY_ID = {c[0]: c[1:] for c in CASES}
+DOC_CASES = [ref.split(":", 1)[1] for refs in doc_test_refs() for ref in refs if ref.startswith("errors:")]
+DOC_CASES = list(dict.fromkeys(DOC_CASES))  # a case named by two rows runs once
+
+
+def test_every_row_of_docs_errors_names_a_test_that_exists() -> None:
+    rows = doc_test_refs()
+    assert len(rows) > 50
+    for refs in rows:
+        assert refs, "a docs/errors.md row without a test"
+        for ref in refs:
+            if ref.startswith("errors:"):
+                case = ref.split(":", 1)[1]
+                gpu_only = case == "eval-device-cuda-without-gpu" and torch.cuda.is_available()
+                assert case in BY_ID or gpu_only, f"docs/errors.md names case {case!r}, not in test_errors.py"
+                continue
+            module, _, name = ref.partition("::")
+            assert (REPO / "tests" / module).is_file(), ref
+            source = (REPO / "tests" / module).read_text()
+            assert re.search(rf"^def {re.escape(name)}\(", source, re.MULTILINE), f"{ref}: no such test"
+
+
+def test_every_case_is_in_docs_errors() -> None:
+    assert set(BY_ID) - set(DOC_CASES) == set(), "cases missing from docs/errors.md"
+
+
+@pytest.mark.parametrize(("command", "mutate", "fragments"), [BY_ID[c] for c in DOC_CASES if c in BY_ID],
+                         ids=[c for c in DOC_CASES if c in BY_ID])
 def test_bad_input_gives_one_clear_paragraph_and_touches_no_output(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, request: pytest.FixtureRequest,
         command: list[str], mutate: Mutate, fragments: tuple[str, ...]) -> None:
