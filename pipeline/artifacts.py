@@ -20,12 +20,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import UserError
 from pipeline.models import build_model, load_weights
 
 _RERUN = "rerun the stage that wrote it (`aekt teacher` / `aekt student`, or `dvc repro`)"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A model artifact is missing, damaged, or does not describe its weights."""
 
 

@@ -19,8 +19,10 @@ from typing import Any, ClassVar, Self
 
 import yaml
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 

@@ -11,8 +11,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from pipeline.errors import UserError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UserError, RuntimeError):
     """The processes started do not form the world the launcher asked for."""
 
 

@@ -23,13 +23,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.artifacts import save_tensors, sha256_file, with_path, write_json_atomic
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 KEEP = 2
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt")
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """No usable checkpoint, or one written by a run with another configuration."""
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pipeline import augment
 from pipeline.config import ConfigError, LossConfig, ScheduleConfig
 from pipeline.distributed import make_accelerator
+from pipeline.errors import UserError
 from pipeline.heads import DistillStudent, build_param_groups
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, warmup_factor
 from pipeline.models.checkpoints import nonfinite_tensors
@@ -35,7 +36,7 @@ from pipeline.stream import ShardStream, StreamSpec
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN/inf: training stops instead of writing a broken model."""
 
 

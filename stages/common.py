@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from pipeline.config import ConfigError, load_params, section
+from pipeline.config import load_params, section
 
 PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="params.yaml to read sections from.")
@@ -56,17 +56,11 @@ NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True, help="Hide prog
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that describe bad input: shown as a message, not a traceback."""
-    from pipeline.artifacts import ArtifactError
-    from pipeline.cache.store import CacheError
-    from pipeline.data import DataError
-    from pipeline.distributed import LaunchError
-    from pipeline.models import CheckpointError
-    from pipeline.run_state import ResumeError
-    from pipeline.train import TrainingDiverged
+    """Exceptions that describe bad input: shown as a message, not a traceback. Every module's error
+    type derives from pipeline.errors.UserError, so nothing else needs importing here."""
+    from pipeline.errors import UserError
 
-    return (ConfigError, DataError, CacheError, ArtifactError, CheckpointError, ResumeError,
-            LaunchError, TrainingDiverged)
+    return (UserError,)
 
 
 DEBUG_ENV = "AEKT_DEBUG"

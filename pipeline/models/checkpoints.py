@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from pipeline.errors import UserError
 from pipeline.models.registry import ARCH_ATTR, MODEL_NAMES, build_model, count_parameters
 
 __all__ = ["CheckpointError", "load_checkpoint", "load_weights", "torchvision_weights"]
@@ -38,7 +39,7 @@ _SHOW = 10  # how many keys of each kind a mismatch message lists
 _SAFETENSORS_HEADER_START = 8  # safetensors: 8-byte little-endian header length, then a JSON object
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model it is loaded into."""
 
 
