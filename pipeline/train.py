@@ -76,6 +76,9 @@ class TrainJob:
 
 
 def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    # For an IterableDataset torch's fetcher pre-allocates a list of batch_size slots per batch:
+    # capped at the split's size, a huge eval.batch_size gives the same batches without ~GBs of RAM.
+    batch_size = max(1, min(batch_size, stream.num_samples()))
     return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin,
                       persistent_workers=False)
 

@@ -316,3 +316,20 @@ def test_evaluate_with_loader_workers_gives_the_same_report(tmp_path_factory: py
     assert aekt_inproc(EVALUATE, root).exit_code == 0
     parallel = json.loads((root / "metrics/eval.json").read_text())
     assert parallel == serial and serial["num_samples"] > 0
+
+
+def test_a_huge_eval_batch_gives_the_same_report_without_the_memory(tmp_path_factory: pytest.TempPathFactory,
+                                                                     tmp_path: Path) -> None:
+    """torch pre-allocates batch_size slots per batch of an IterableDataset: the loader caps the batch
+    at the split's size, so eval.batch_size 1e8 (allowed) neither hangs nor allocates ~GBs."""
+    import resource
+
+    root = copy_pipeline(tmp_path_factory, tmp_path / "pipeline")
+    assert aekt_inproc(EVALUATE, root).exit_code == 0
+    reference = json.loads((root / "metrics/eval.json").read_text())
+    write_params(root, eval={"batch_size": 100_000_000})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert aekt_inproc(EVALUATE, root).exit_code == 0
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert json.loads((root / "metrics/eval.json").read_text()) == reference
+    assert grown_mib < 400, f"peak memory grew by {grown_mib:.0f} MiB"
