@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.data import Manifest, decode_image, read_shard
+from pipeline.data import Manifest, decode_image
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ShardStream(IterableDataset):
     def _shard_samples(self, shard: int) -> Iterator[dict]:
         spec, manifest = self.spec, self.manifest
         info = manifest.splits[spec.split].shards[shard]
-        samples = read_shard(spec.shards_dir / info.name, expected_sha256=info.sha256)
+        samples = manifest.read_shard(spec.shards_dir, spec.split, shard)  # labels < num_classes
         labels = np.array([s.label for s in samples])
         indices = np.array([s.index for s in samples])
         view = epoch_view(spec, self.epoch, shard) if spec.train else -1

@@ -27,7 +27,7 @@ from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore, Provenance
 from pipeline.cache.store_folder import refuse_to_replace
 from pipeline.config import AugmentConfig, CacheConfig
-from pipeline.data import Manifest, decode_image, read_shard
+from pipeline.data import Manifest, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ class ShardSource:
     split: str = "train"
 
     def load(self, shard: int) -> tuple[list[str], torch.Tensor | list[torch.Tensor], np.ndarray, np.ndarray]:
-        """(keys, images, labels, indices) of one shard, checksum verified."""
+        """(keys, images, labels, indices) of one shard, checked against the manifest (sha256, labels
+        within its classes, indices)."""
         info = self.manifest.splits[self.split].shards[shard]
-        samples = read_shard(self.shards_dir / info.name, expected_sha256=info.sha256)
+        samples = self.manifest.read_shard(self.shards_dir, self.split, shard)
         images = [decode_image(s.image, channels=self.manifest.channels, name=f"{info.name}:{s.key}")
                   for s in samples]
         return ([s.key for s in samples], images, np.array([s.label for s in samples]),

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.samples import DataError
-from pipeline.data.shards import shard_name
+from pipeline.data.samples import DataError, Sample
+from pipeline.data.shards import read_shard, shard_name
 
 SCHEMA_VERSION = 1
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -133,6 +133,19 @@ class Manifest:
             raise DataError(f"dataset {self.dataset!r} has no split {split!r}; its splits are "
                             f"{', '.join(self.splits) or 'none'}.")
         return [Path(shards_dir) / sh.name for sh in self.splits[split].shards]
+
+    def read_shard(self, shards_dir: str | Path, split: str, shard: int) -> list[Sample]:
+        """Samples of shard number ``shard`` of ``split``, checked against this manifest: the
+        shard's sha256, every label in ``[0, num_classes)`` and the indices ``[start, end)``."""
+        info = self.splits[split].shards[shard]
+        path = Path(shards_dir) / info.name
+        samples = read_shard(path, expected_sha256=info.sha256, num_classes=self.num_classes)
+        if [s.index for s in samples] != list(range(info.start, info.end)):
+            found = f"[{samples[0].index}, {samples[-1].index + 1})" if samples else "nothing"
+            raise DataError(f"shard {path}: holds samples {found}, but the manifest lists "
+                            f"[{info.start}, {info.end}); rerun `aekt prepare` (or `dvc repro "
+                            "prepare`) to rebuild the shards.")
+        return samples
 
 
 def _expect(cond: bool, where: str, msg: str) -> None:

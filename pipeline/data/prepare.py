@@ -2,15 +2,23 @@
 
 Workers (``cfg.workers`` processes) do the per-image work (PNG encoding of pixel rows, one full
 decode of every source file); the parent assigns indices in stable order and writes the shards,
-so the output does not depend on the worker count. Rerunning with the same inputs rewrites
-byte-identical shards and manifest.
+so the output does not depend on the worker count. Rerunning with the same inputs gives
+byte-identical shards and manifest (an unchanged shard file is not rewritten).
+
+Nothing under a final name changes until everything is written: new shards go to a private
+staging folder ``<shards_dir>/.prepare-<pid>/`` and the manifest to a temporary name beside it,
+then all are renamed into place. A failure (disk full, a corrupt image, Ctrl-C) removes only what
+this run wrote and leaves the previous shards and manifest as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import hashlib
 import logging
 import multiprocessing
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -23,12 +31,16 @@ from pipeline.config import DataConfig
 from pipeline.data.images import encode_png, verify_for_storage
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.samples import DataError, ImageDecodeError, RawItem, Sample, make_key
-from pipeline.data.shards import shard_name, write_shard
+from pipeline.data.shards import shard_bytes, shard_name
 from pipeline.data.sources import SourcePlan, open_source
 
 log = logging.getLogger(__name__)
 
 _OUR_SHARD = re.compile(r"(?:train|test)-\d{5}\.tar|\.(?:train|test)-\d{5}\.tar\.tmp-\d+")
+_STAGING = re.compile(r"\.prepare-(\d+)")
+# A full disk, in any of its guises: ENOSPC, a file-size limit (`ulimit -f`: EFBIG), a quota.
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_UNCHANGED = "the existing shards and manifest are unchanged"
 
 
 def encode_item(item: RawItem, *, channels: int) -> tuple[bytes, str] | str:
@@ -56,18 +68,51 @@ def _encoded(items: list[RawItem], channels: int, pool: multiprocessing.pool.Poo
     return pool.imap(encode, items, chunksize=chunksize)
 
 
+def write_new(path: Path, data: bytes, *, shown: Path) -> None:
+    """Write ``data`` to the new file ``path``; an OS error is reported for ``shown``, the final
+    name the file is written for (``path`` is a staging name the user never sees)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise DataError(f"{shown}: cannot write it: {exc.strerror} [errno {exc.errno}]; the "
+                            "disk is full (or a file-size limit or disk quota was reached). Free "
+                            "space (or raise the limit) and rerun `aekt prepare`; "
+                            f"{_UNCHANGED}.") from exc
+        raise OSError(exc.errno, exc.strerror, str(shown)) from exc
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a regular file holding exactly ``data`` (then it is not rewritten)."""
+    try:
+        if not os.path.isfile(path) or path.stat().st_size != len(data):
+            return False
+        with open(path, "rb") as f:
+            view, pos = memoryview(data), 0
+            while chunk := f.read(1 << 20):
+                if view[pos:pos + len(chunk)] != chunk:
+                    return False
+                pos += len(chunk)
+        return pos == len(data)
+    except OSError:
+        return False
+
+
 def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels: int,
-                 shards_dir: Path, pool: multiprocessing.pool.Pool | None, progress: bool,
-                 exts: set[str]) -> SplitInfo:
+                 shards_dir: Path, staging: Path, pool: multiprocessing.pool.Pool | None,
+                 progress: bool, exts: set[str]) -> SplitInfo:
     shards: list[ShardInfo] = []
     skipped: list[str] = []
     buffer: list[Sample] = []
 
     def flush() -> None:
         name = shard_name(split, len(shards))
-        sha = write_shard(shards_dir / name, buffer)
+        data = shard_bytes(buffer, where=name)
+        if not _same_bytes(shards_dir / name, data):
+            write_new(staging / name, data, shown=shards_dir / name)
         shards.append(ShardInfo(name=name, count=len(buffer), start=buffer[0].index,
-                                end=buffer[-1].index + 1, sha256=sha))
+                                end=buffer[-1].index + 1, sha256=hashlib.sha256(data).hexdigest()))
         buffer.clear()
 
     started = time.perf_counter()
@@ -100,6 +145,34 @@ def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels:
     return SplitInfo(num_samples=index, shards=tuple(shards), skipped=tuple(skipped))
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a killed run that had this process's id: its folder is stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_staging(shards_dir: Path) -> None:
+    """Empty and remove staging folders of killed prepare runs (only the shard files they wrote)."""
+    for folder in sorted(shards_dir.iterdir()):
+        found = _STAGING.fullmatch(folder.name)
+        if not found or folder.is_symlink() or not folder.is_dir() or \
+                _pid_alive(int(found.group(1))):
+            continue
+        for path in folder.iterdir():
+            if _OUR_SHARD.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+        try:
+            folder.rmdir()
+        except OSError:
+            log.warning("%s: left in place: it holds files `aekt prepare` did not write", folder)
+
+
 def _remove_stale(shards_dir: Path, keep: set[str]) -> None:
     """Delete our shard files that the new manifest no longer names (e.g. shard_size changed)."""
     for path in sorted(shards_dir.iterdir()):
@@ -126,23 +199,36 @@ def prepare(cfg: DataConfig, *, shards_dir: Path, manifest_path: Path,
     shards_dir, manifest_path = Path(shards_dir), Path(manifest_path)
     plan: SourcePlan = open_source(cfg)
     shards_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(shards_dir)
+    staging = shards_dir / f".prepare-{os.getpid()}"
+    staging.mkdir()
+    manifest_tmp = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
     exts: set[str] = set()
     splits: dict[str, SplitInfo] = {}
     pool = _pool_context().Pool(cfg.workers) if cfg.workers > 0 else None
     try:
         for split, items in plan.splits.items():
             splits[split] = _write_split(split, items, cfg=cfg, channels=plan.channels,
-                                         shards_dir=shards_dir, pool=pool, progress=progress,
-                                         exts=exts)
+                                         shards_dir=shards_dir, staging=staging, pool=pool,
+                                         progress=progress, exts=exts)
+        manifest = Manifest.build(
+            dataset=cfg.name, source=plan.description, classes=plan.classes,
+            channels=plan.channels, image_format=exts.pop() if len(exts) == 1 else "mixed",
+            shard_size=cfg.shard_size, splits=splits)
+        write_new(manifest_tmp, manifest.to_json().encode("utf-8"), shown=manifest_path)
+        # Everything is written: renames only from here on (no data, so no disk-full failure).
+        for path in sorted(staging.iterdir()):
+            os.replace(path, shards_dir / path.name)
+        os.replace(manifest_tmp, manifest_path)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+        for path in staging.iterdir():  # after a failure: only the files this run wrote
+            path.unlink()
+        staging.rmdir()
+        manifest_tmp.unlink(missing_ok=True)
     _remove_stale(shards_dir, {sh.name for s in splits.values() for sh in s.shards})
-    manifest = Manifest.build(
-        dataset=cfg.name, source=plan.description, classes=plan.classes, channels=plan.channels,
-        image_format=exts.pop() if len(exts) == 1 else "mixed", shard_size=cfg.shard_size,
-        splits=splits)
-    manifest.save(manifest_path)
     log.info("wrote %s (sha256 %s)", manifest_path, manifest.sha256)
     return manifest

@@ -8,10 +8,14 @@ load and encode it themselves (a file reference or one image row, never a decode
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 # Split names of every manifest; ImageFolder trees call the held-out split "val" or "test".
 SPLITS = ("train", "test")
@@ -22,7 +26,7 @@ IMAGE_EXTS = ("jpg", "png")
 KEY_DIGITS = 7
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-facing data problem: missing or malformed source, corrupt image or shard."""
 
 
@@ -50,8 +54,12 @@ class FileRef:
     size: int | None = None
 
     def read(self) -> bytes:
+        """The bytes; ImageDecodeError (on_corrupt applies) for anything but a regular file."""
         try:
-            with open(self.path, "rb") as f:
+            check_regular(self.path, os.stat(self.path).st_mode)
+            # O_NONBLOCK: even if a FIFO replaced the file since the stat, open() cannot block.
+            with open(self.path, "rb", opener=_open_nonblocking) as f:
+                check_regular(self.path, os.fstat(f.fileno()).st_mode)
                 f.seek(self.offset)
                 data = f.read(-1 if self.size is None else self.size)
         except OSError as exc:
@@ -60,6 +68,27 @@ class FileRef:
             raise DataError(f"{self.path}: expected {self.size} bytes at offset {self.offset}, "
                             f"got {len(data)}; the file changed or is truncated.")
         return data
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISDIR, "a directory"))
+
+
+def check_regular(path: str | Path, mode: int) -> None:
+    """ImageDecodeError unless ``mode`` (from os.stat) is a regular file's.
+
+    Reading a FIFO blocks until a writer appears and a device may never end, so only regular
+    files are ever opened as images; the caller's ``data.on_corrupt`` decides fail or skip.
+    """
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        raise ImageDecodeError(f"{path}: is {kind}, not a regular file; only regular image files "
+                               "are read (a FIFO or device could block prepare forever).")
 
 
 @dataclass(frozen=True)

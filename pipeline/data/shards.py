@@ -62,6 +62,22 @@ def _ustar_header(name: str, size: int) -> bytes:
                      b"%06o\x00 " % checksum, _TEMPLATE[156:]))
 
 
+def shard_bytes(samples: Iterable[Sample], *, where: str = "shard") -> bytes:
+    """The deterministic tar of ``samples`` (sorted by index), end marker and padding included."""
+    chunks = []
+    for s in sorted(samples, key=lambda s: s.index):
+        if not _KEY_RE.fullmatch(s.key) or s.ext not in IMAGE_EXTS:
+            raise ValueError(f"invalid sample key {s.key!r} or ext {s.ext!r} for {where}")
+        for ext, data in (("cls", str(s.label).encode()), ("idx", str(s.index).encode()),
+                          (s.ext, s.image)):
+            chunks += [_ustar_header(f"{s.key}.{ext}", len(data)), data,
+                       bytes(-len(data) % BLOCK)]
+    chunks.append(bytes(2 * BLOCK))  # end-of-archive marker
+    # Pad to a whole 10 KiB record like tar(1) and tarfile, for tools that expect it.
+    chunks.append(bytes(-sum(map(len, chunks)) % RECORD))
+    return b"".join(chunks)  # one copy; hashing many small chunks costs more than this
+
+
 def write_shard(path: str | Path, samples: Iterable[Sample]) -> str:
     """Write ``samples`` as a deterministic tar at ``path`` atomically; return its sha256.
 
@@ -70,18 +86,7 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> str:
     shard torn by a power cut fails its manifest sha256 check and prepare is rerun.
     """
     path = Path(path)
-    chunks = []
-    for s in sorted(samples, key=lambda s: s.index):
-        if not _KEY_RE.fullmatch(s.key) or s.ext not in IMAGE_EXTS:
-            raise ValueError(f"invalid sample key {s.key!r} or ext {s.ext!r} for {path}")
-        for ext, data in (("cls", str(s.label).encode()), ("idx", str(s.index).encode()),
-                          (s.ext, s.image)):
-            chunks += [_ustar_header(f"{s.key}.{ext}", len(data)), data,
-                       bytes(-len(data) % BLOCK)]
-    chunks.append(bytes(2 * BLOCK))  # end-of-archive marker
-    # Pad to a whole 10 KiB record like tar(1) and tarfile, for tools that expect it.
-    chunks.append(bytes(-sum(map(len, chunks)) % RECORD))
-    data = b"".join(chunks)  # one copy; hashing many small chunks costs more than this
+    data = shard_bytes(samples, where=str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
@@ -209,12 +214,14 @@ def _collect_members(data: bytes, where: str, max_member_bytes: int) -> dict[str
 
 
 def read_shard(path: str | Path, *, expected_sha256: str | None = None,
+               num_classes: int | None = None,
                max_member_bytes: int = MAX_MEMBER_BYTES) -> list[Sample]:
     """Read and validate one shard; return its samples sorted by index.
 
     Raises DataError naming the shard for a sha256 mismatch, a corrupt or truncated tar, unsafe
-    members, unknown extensions, a key missing its ``.cls``/``.idx``/image, or indices that are
-    not one contiguous range.
+    members, unknown extensions, a key missing its ``.cls``/``.idx``/image, a label outside
+    ``[0, num_classes)`` (when given), or indices that are not one contiguous range.
+    ``Manifest.read_shard`` passes the manifest's sha256 and class count.
     """
     path = Path(path)
     where = f"shard {path}"
@@ -234,10 +241,13 @@ def read_shard(path: str | Path, *, expected_sha256: str | None = None,
         if missing or len(images) > 1:
             raise DataError(f"{where}: sample {key!r} has members {sorted(files)}; expected "
                             "exactly one image (.jpg or .png) plus .cls and .idx.")
-        samples.append(Sample(
-            key=key, image=files[images[0]], ext=images[0],
-            label=_parse_int(files["cls"], what=f"{key}.cls", where=where),
-            index=_parse_int(files["idx"], what=f"{key}.idx", where=where)))
+        label = _parse_int(files["cls"], what=f"{key}.cls", where=where)
+        if num_classes is not None and label >= num_classes:  # _parse_int refuses negatives
+            raise DataError(f"{where}: sample {key!r} has label {label}, outside the manifest's "
+                            f"{num_classes} classes (valid labels 0..{num_classes - 1}); the shard "
+                            f"does not belong to this dataset; {_RERUN}.")
+        samples.append(Sample(key=key, image=files[images[0]], ext=images[0], label=label,
+                              index=_parse_int(files["idx"], what=f"{key}.idx", where=where)))
     samples.sort(key=lambda s: s.index)
     if samples and [s.index for s in samples] != list(range(samples[0].index,
                                                             samples[0].index + len(samples))):

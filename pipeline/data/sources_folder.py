@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data.samples import DataError, FileRef, RawItem, sha256_file
-from pipeline.data.shards import MAX_MEMBER_BYTES, check_tar_member
+from pipeline.data.shards import BLOCK, MAX_MEMBER_BYTES, check_tar_member
 from pipeline.data.sources import SourcePlan, describe, take_per_class
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,24 @@ def scan_dir(root: Path) -> Tree:
 
 
 def scan_tar(path: Path) -> Tree:
-    """Image members of an uncompressed ImageFolder tar, each checked before it is used."""
+    """Image members of an uncompressed ImageFolder tar, each checked before it is used.
+
+    tarfile stops without an error at a corrupt header (bad checksum) or where a tar was cut at a
+    member boundary, which would silently drop every later member (whole classes); so the place
+    where it stops must be the end-of-archive marker (``_check_tar_end``).
+    """
     tree: Tree = {}
     size = path.stat().st_size
     seen: set[str] = set()
+    last = None  # the last member read, for messages
     try:
         with tarfile.open(path, mode="r:") as tar:
             while (info := tar.next()) is not None:
                 tar.members.clear()  # tarfile keeps every header; keep memory flat at 1M members
                 check_tar_member(info, archive_bytes=size, where=str(path))
+                if info.offset_data + info.size + -info.size % BLOCK > size:  # padding cut off
+                    _truncated(path, size, info.name)
+                last = info.name
                 name = info.name
                 while name.startswith("./"):
                     name = name[2:]
@@ -93,10 +102,59 @@ def scan_tar(path: Path) -> Tree:
                     if info.isfile() and len(parts) >= 3 and _is_image(name):
                         rel = "/".join(parts[2:])
                         files.append((rel, FileRef(str(path), info.offset_data, info.size)))
+            end = tar.offset
     except tarfile.TarError as exc:
-        raise DataError(f"{path}: not a readable uncompressed tar ({exc}). Compressed archives "
-                        "cannot be read by offset: decompress to .tar or extract it.") from exc
+        after = f" after member {last!r}" if last else ""
+        raise DataError(f"{path}: not a readable uncompressed tar ({exc}{after}). Compressed "
+                        "archives cannot be read by offset: decompress to .tar or extract it; a "
+                        "damaged archive must be restored from its source.") from exc
+    _check_tar_end(path, end, last)
     return tree
+
+
+_RESTORE = ("Restore the archive from its source (download or copy it again, or rebuild it with "
+            "`tar -cf`) and rerun `aekt prepare`.")
+
+
+def _after(last: str | None) -> str:
+    return f"after member {last!r}" if last else "at the start of the archive"
+
+
+def _truncated(path: Path, size: int, last: str | None, marker_at: int | None = None) -> None:
+    where = f" (two zero blocks, expected at byte {marker_at})" if marker_at is not None else ""
+    raise DataError(f"{path}: truncated tar: the archive ends at byte {size}, {_after(last)}, "
+                    f"without the end-of-archive marker{where}; it was cut short, and members after "
+                    f"that point are lost. {_RESTORE}")
+
+
+def _check_tar_end(path: Path, end: int, last: str | None) -> None:
+    """DataError unless byte ``end`` of ``path`` starts the end-of-archive marker (two zero blocks)
+    and only zeros follow it; ``end`` is where tarfile stopped reading headers."""
+    zero = bytes(BLOCK)
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * BLOCK)
+        if marker == zero * 2:
+            while chunk := f.read(1 << 20):
+                if chunk.count(0) != len(chunk):
+                    raise DataError(
+                        f"{path}: data after the end-of-archive marker at byte {end} "
+                        f"({_after(last)}): tar readers ignore it, so its members would be "
+                        "missing (two archives concatenated with `cat`?). Rebuild one archive "
+                        "with `tar -cf` (or append with `tar -A`) and rerun `aekt prepare`.")
+            return
+    if len(marker) < BLOCK or (marker[:BLOCK] == zero and len(marker) < 2 * BLOCK):
+        _truncated(path, end + len(marker), last, marker_at=end)
+    if marker[:BLOCK] == zero:
+        reason = "a zero block followed by data (a zeroed or overwritten header)"
+    else:
+        try:
+            tarfile.TarInfo.frombuf(marker[:BLOCK], tarfile.ENCODING, "surrogateescape")
+            reason = "tarfile cannot read it"
+        except tarfile.HeaderError as exc:
+            reason = str(exc)
+    raise DataError(f"{path}: corrupt tar header at byte {end}, {_after(last)}: {reason}; every "
+                    f"member from there on would be missing. {_RESTORE}")
 
 
 def _split_dirs(tree: Tree, root: Path) -> dict[str, str]:
@@ -141,8 +199,13 @@ def _class_names(tree: Tree, dirs: dict[str, str], root: Path) -> tuple[str, ...
                             f"{', '.join(extra[:5])}; labels are defined by train/.")
         missing = sorted(set(classes) - set(tree[dirs["test"]]))
         if missing:
-            log.warning("%s: %d classes have no %s/ images, e.g. %s", root, len(missing),
-                        dirs["test"], missing[0])
+            # A split that lacks whole classes is an incomplete copy (a tar cut short, a folder
+            # not synced); training on it would report accuracy on the wrong set of classes.
+            raise DataError(f"{root}: {len(missing)} of {len(classes)} classes have images in "
+                            f"train/ but no {dirs['test']}/ folder: {', '.join(missing[:5])}"
+                            f"{', …' if len(missing) > 5 else ''}; the {dirs['test']} split is "
+                            "incomplete. Restore the missing images from the dataset's source "
+                            "(or remove those classes from train/ too) and rerun `aekt prepare`.")
     return classes
 
 
@@ -197,8 +260,11 @@ def folder_source(cfg: DataConfig) -> SourcePlan:
                 items.append(RawItem(label=label_of[cls], name=f"{d}/{cls}/{rel}", payload=ref))
         kept = take_per_class(items, cfg.max_per_class)  # the first N per class, as numbered
         splits[split] = mixed_order(kept, cfg.split_seed) if split == "train" else kept
-    log.info("%s: %d classes, %s", root, len(classes),
-             ", ".join(f"{s} {len(items)} images" for s, items in splits.items()))
+    # Images found per class (before max_per_class), so an unevenly short class is visible.
+    found = {s: [len(files) for files in tree[d].values()] for s, d in dirs.items()}
+    log.info("%s: %d classes, %s", root, len(classes), ", ".join(
+        f"{s} {len(items)} images ({min(found[s])}-{max(found[s])} found per class)"
+        for s, items in splits.items()))
     description = describe(cfg, layout=layout, split_dirs=dirs, archives_sha256=archives,
                            train_order=f"sha256('{cfg.split_seed}/' + name)")
     return SourcePlan(classes=classes, channels=3, description=description, splits=splits)
