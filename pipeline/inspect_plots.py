@@ -115,19 +115,27 @@ def plot_reliability(report: dict[str, Any], path: Path) -> Path:
     width = np.array([b["hi"] - b["lo"] for b in bins])
     acc = np.array([np.nan if b["accuracy"] is None else b["accuracy"] for b in bins])
     conf = np.array([np.nan if b["confidence"] is None else b["confidence"] for b in bins])
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(6.5, 7), height_ratios=(3, 1), sharex=True)
-    ax.bar(lo, np.nan_to_num(acc), width, align="edge", color="#4c78a8", edgecolor="black",
-           label="accuracy in bin")
-    ax.bar(lo, np.nan_to_num(conf - acc), width, bottom=np.nan_to_num(acc), align="edge",
-           color="#e45756", alpha=0.35, edgecolor="#e45756", hatch="//", label="gap to mean confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_ylim(0, 1)
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(8.5, 7), height_ratios=(3, 1), sharex=True)
+    seen = ~np.isnan(acc)
+    ax.bar(lo[seen], acc[seen], width[seen], align="edge", color="#4c78a8", edgecolor="black", zorder=2,
+           label="accuracy in bin (bar top)")
+    # The gap spans accuracy..confidence in either direction; hatched and unfilled, drawn over the bar,
+    # so the bar's own top stays the accuracy (an underconfident bin's gap lies inside the bar).
+    low, high = np.minimum(acc, conf)[seen], np.maximum(acc, conf)[seen]
+    ax.bar(lo[seen], high - low, width[seen], bottom=low, align="edge", fill=False, hatch="///",
+           edgecolor="#e45756", linewidth=0, zorder=3, label="gap between accuracy and confidence")
+    ax.hlines(conf[seen], lo[seen], (lo + width)[seen], color="black", linewidth=2.2, zorder=4,
+              label="mean confidence in bin")
+    ax.plot([0, 1], [0, 1], "--", color="gray", zorder=1, label="perfect calibration")
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy (argmax = label)")
     ax.set_title(f"Reliability at τ={report['tau']:g}: ECE {report['reliability']['ece']:.4f} "
                  f"({len(bins)} equal-width bins)\n({_scope(report)})", fontsize=10)
-    ax.legend(loc="upper left", fontsize=9)
-    axc.bar(lo, [max(b["count"], 0) for b in bins], width, align="edge", color="gray", edgecolor="black")
-    axc.set_yscale("symlog")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)  # never over a bin
+    counts = np.array([max(b["count"], 0) for b in bins])
+    axc.bar(lo[counts > 0], counts[counts > 0], width[counts > 0], align="edge", color="gray", edgecolor="black")
+    axc.set_yscale("log")  # empty bins are left out instead of drawn at a symlog 0 beside 10^0
+    axc.set_ylim(0.8, max(counts.max(), 1) * 2)
     axc.set_ylabel("views per bin")
     axc.set_xlabel(f"teacher max probability at τ={report['tau']:g}")
     axc.set_xlim(0, 1)
