@@ -339,3 +339,28 @@ def test_verify_cache_report_to_a_full_disk_is_one_paragraph(pipeline: Path) -> 
     assert message.startswith("standard output: writing failed — No space left on device [errno 28]")
     assert "rerun `aekt verify-cache`" in message
 
+
+
+# ---- free space, checked before stage 1 starts -------------------------------------------------
+
+def test_the_store_size_estimate_matches_a_real_store(pipeline: Path) -> None:
+    from pipeline.cache.build import store_bytes_estimate
+
+    store = LogitStore.open(pipeline / STORE)
+    on_disk = sum(store.disk_bytes().values())
+    assert 0.7 * on_disk < store_bytes_estimate(store.provenance) < 1.5 * on_disk
+
+
+def test_too_little_free_space_refuses_before_any_work(pipeline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operating system's free-space answer is the only thing replaced: a real full disk cannot
+    be made on demand here, and the check must run before the lock, the teacher and any row."""
+    import shutil
+
+    from pipeline.cache import build
+
+    shutil.rmtree(pipeline / STORE)
+    before = snapshot(pipeline)
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    message = user_error(aekt_inproc(COMMANDS["cache"], pipeline))
+    assert STORE in message and "GB free" in message and "augment.views" in message, message
+    assert not (pipeline / STORE).exists() and snapshot(pipeline) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,6 +53,28 @@ def expected_provenance(manifest: Manifest, teacher_card: dict[str, Any], cfg: C
         shard_size=manifest.shard_size, num_params=augment.recipe_info(aug.recipe).num_params)
 
 
+def store_bytes_estimate(prov: Provenance) -> int:
+    """Uncompressed bytes of a complete store: codec rows + float32 params for every sample-view.
+    Blosc/zstd hardly shrinks logits (digits fp16: 213 KB on disk for 215 KB raw), so this is close."""
+    per_row = prov.make_codec().raw_bytes_per_row(prov.num_classes) + 4 * prov.num_params
+    return prov.views * prov.num_samples * per_row
+
+
+def check_free_space(store_path: Path, prov: Provenance) -> None:
+    """Refuse to start stage 1 when the store cannot fit: a full disk found after hours of teacher
+    work would waste them (rows written so far are kept, but nothing else can proceed)."""
+    need = store_bytes_estimate(prov)
+    if store_path.is_dir():  # resuming (or rebuilding beside it): what is already there counts
+        need -= sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
+    parent = next((p for p in (store_path.parent, *store_path.parent.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CacheError(f"{store_path}: the store needs about {need / 1e9:.2f} GB more ({prov.views} views x "
+                         f"{prov.num_samples} samples, codec {prov.codec}) but {parent} has {free / 1e9:.2f} GB "
+                         "free; free space, put the store on a larger disk (--store), or use fewer "
+                         "augment.views or a smaller cache.codec (int8, topk).")
+
+
 def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, store_path: Path,
                 cfg: CacheConfig, aug: AugmentConfig, rebuild: bool = False,
                 progress: bool = True) -> dict[str, Any]:
@@ -61,6 +84,7 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
     prov = expected_provenance(manifest, card, cfg, aug)
+    check_free_space(Path(store_path), prov)  # before the lock, the teacher on the device, any row
     source = ShardSource(manifest, Path(shards_dir))
     main = accelerator.is_main_process
     start = time.perf_counter()
