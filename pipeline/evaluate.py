@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from pipeline.artifacts import atomic_path, load_model  # noqa: E402
 from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
+from pipeline.outputs import write_files  # noqa: E402
 from pipeline.reports import write_metrics  # noqa: E402
 from pipeline.stream import ShardStream, StreamSpec  # noqa: E402
 from pipeline.train import inference_device, predict, topk_hits  # noqa: E402
@@ -30,6 +31,13 @@ def accuracy_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], 
     return {"top1": float(hits[1].mean()),
             f"top{k}": float(hits[k].mean()),
             "num_samples": int(len(labels)), "per_class_top1": per_class}
+
+
+def write_per_class_csv(path: Path, per_class: dict[str, float | None]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "top1"])
+        writer.writerows([name, f"{acc:.4f}" if acc is not None else ""] for name, acc in per_class.items())
 
 
 def confusion(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -98,15 +106,16 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
         report["teacher_top1"] = float((t_logits.argmax(1) == labels).mean())
         report["teacher_agreement"] = teacher_agreement(logits, t_logits)
     topk = next(k for k in report if k.startswith("top") and k != "top1")
-    write_metrics(metrics_path, {k: report[k] for k in (*METRIC_KEYS[:1], topk, *METRIC_KEYS[1:]) if k in report})
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    # Per-class detail for people and `aekt inspect --eval-metrics` (reads per_class_top1).
-    write_metrics(plots_dir / "per_class.json", {"per_class_top1": report["per_class_top1"]})
-    with atomic_path(plots_dir / "per_class.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "top1"])
-        writer.writerows([name, f"{acc:.4f}" if acc is not None else ""]
-                         for name, acc in report["per_class_top1"].items())
-    plot_confusion(confusion(logits, labels, len(classes)), classes, plots_dir / "confusion.png",
-                   f"{card['arch']} on {manifest.dataset} test: top-1 {report['top1']:.1%}")
+    metrics = {k: report[k] for k in (*METRIC_KEYS[:1], topk, *METRIC_KEYS[1:]) if k in report}
+    matrix = confusion(logits, labels, len(classes))
+    title = f"{card['arch']} on {manifest.dataset} test: top-1 {report['top1']:.1%}"
+    # All or nothing: every file is written to a temporary name first, so a full disk leaves the
+    # previous report (metrics, per-class files, confusion matrix) whole.
+    write_files({
+        metrics_path: lambda tmp: write_metrics(tmp, metrics),
+        # Per-class detail for people and `aekt inspect --eval-metrics` (reads per_class_top1).
+        plots_dir / "per_class.json": lambda tmp: write_metrics(tmp, {"per_class_top1": report["per_class_top1"]}),
+        plots_dir / "per_class.csv": lambda tmp: write_per_class_csv(tmp, report["per_class_top1"]),
+        plots_dir / "confusion.png": lambda tmp: plot_confusion(matrix, classes, tmp, title),
+    }, rerun="aekt evaluate")
     return report

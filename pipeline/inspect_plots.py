@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from pipeline.cache.outputs import write_files  # noqa: E402
+from pipeline.outputs import write_files  # noqa: E402
 
 CSV_NAME = "per_class_confidence.csv"
 PNG_NAMES = ("per_class_confidence.png", "confidence_histogram.png", "reliability.png",

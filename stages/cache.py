@@ -34,7 +34,7 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
     """Cache teacher logits for every (view, shard); resumes, and splits work across processes
     (`torchrun --nproc_per_node N -m stages.cli cache ...` on CPU, `accelerate launch` on GPUs)."""
     from pipeline.cache.build import build_cache
-    from pipeline.cache.outputs import write_text
+    from pipeline.outputs import write_text
 
     cache, augment = read_sections(params_path, "cache", "augment")
     result = build_cache(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),

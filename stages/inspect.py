@@ -34,9 +34,9 @@ def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, class
          plots_dir: str, as_json: bool, json_out: str | None) -> None:
     """Teacher confidence report of the finished rows of STORE: per-class p_t, accuracy, ECE,
     non-target entropy, confused pairs and agreement across views, plus PNG plots and a CSV."""
-    from pipeline.cache.outputs import echo, write_text
     from pipeline.inspect_cache import inspect_store
     from pipeline.inspect_plots import format_text
+    from pipeline.outputs import echo, write_text
 
     if eval_path and not student_path:
         raise click.UsageError("--eval-metrics needs --student (the student it was measured on).")

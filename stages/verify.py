@@ -40,9 +40,9 @@ def main(params_path: str, store_path: str, manifest_path: str, shards_dir: str,
     """Replay stored augmentation params through a fresh teacher; exit 1 past the tolerance, saying
     which check failed, by how much and where. Also prints bytes per sample-view on disk and the KL of
     decoded vs fresh logits at tau 1 and 4."""
-    from pipeline.cache.outputs import echo
     from pipeline.cache.store import CacheError
     from pipeline.cache.verify import failure_message, verify_cache
+    from pipeline.outputs import echo
 
     cache, augment = read_sections(params_path, "cache", "augment")
     report = verify_cache(store_path=Path(store_path), manifest_path=Path(manifest_path),

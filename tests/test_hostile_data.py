@@ -19,6 +19,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import tarfile
@@ -107,12 +108,14 @@ def run_aekt(args: list[str], cwd: Path, *, fsize_limit: int | None = None) -> t
     def limit() -> None:  # Python ignores SIGXFSZ, so a write past the limit raises EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
-    proc = start(args, cwd, preexec_fn=limit if fsize_limit is not None else None)
+    # Its own process group: on a hang, its worker processes (which hold stderr open) die too.
+    proc = start(args, cwd, preexec_fn=limit if fsize_limit is not None else None,
+                 start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
         pytest.fail(f"`aekt {' '.join(args)}` still running after {TIMEOUT_S} s: it hangs")
     return proc.returncode, stderr
 

@@ -161,6 +161,20 @@ def test_a_full_disk_during_student_writes_keeps_the_previous_outputs(pipe: Path
     assert not leftovers, leftovers
 
 
+@pytest.mark.parametrize("command", ["evaluate", "teacher"])
+def test_a_full_disk_during_evaluate_or_teacher_writes_keeps_the_previous_outputs(pipe: Path, command: str) -> None:
+    """evaluate writes its report as one set (metrics, per-class files, confusion PNG), the teacher its
+    weights with their card: 8000 bytes lets the small files through and stops the PNG / weights."""
+    before = snapshot(pipe)
+    proc = subprocess.run(["aekt", *COMMANDS[command]], cwd=pipe, env=cli_env(), capture_output=True, text=True,
+                          timeout=180, preexec_fn=_limit_file_size(8000))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "[errno 27]" in last, proc.stderr[-2000:]
+    assert snapshot(pipe) == before
+    assert not [p for p in pipe.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
+
+
 # ---- 6. a batch larger than the training split ---------------------------------------------
 
 @pytest.mark.parametrize(("section", "command"), [("train", "student"), ("teacher", "teacher")])

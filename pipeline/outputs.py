@@ -1,5 +1,5 @@
-"""Writing the reports of the cache commands (JSON, CSV, PNG, standard output) so that a full disk
-is one clear error and the previous files survive it.
+"""Writing report sets (JSON, CSV, PNG, standard output) of `aekt inspect`, `verify-cache`, `cache`
+and `evaluate` so that a full disk is one clear error and the previous files survive it.
 
 Every file is written to a temporary name beside it and renamed into place; a batch (the plots of
 `aekt inspect`) is renamed only once every file of it is written, so a failure leaves the old set
@@ -15,13 +15,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.cache.store import CacheError
+from pipeline.errors import UserError
 
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def no_room_error(where: str, err: OSError, rerun: str) -> CacheError:
-    return CacheError(f"{where}: writing failed — {err.strerror} [errno {err.errno}]: the disk is full or "
+class NoRoomError(UserError, OSError):
+    """An output could not be written for lack of space; the message names it and the fix."""
+
+
+def no_room_error(where: str, err: OSError, rerun: str) -> NoRoomError:
+    return NoRoomError(f"{where}: writing failed — {err.strerror} [errno {err.errno}]: the disk is full or "
                       "a file-size limit (`ulimit -f`, a quota) is reached. Free space (or raise the "
                       f"limit) and rerun `{rerun}`; files written before this command are unchanged.")
 
