@@ -161,7 +161,7 @@ def test_damaged_imagefolder_tar_fails_and_keeps_outputs(tmp_path: Path, damage:
      "1 of 3 classes have images in train/ but no test/ folder: cat; the test split is incomplete"),
     (lambda: synthetic_members(test_classes=("ant", "bee", "cat", "dog")),
      "test/ has classes missing from train/: dog"),
-])
+], ids=["class-missing-from-test", "class-missing-from-train"])
 def test_split_missing_a_class_fails(tmp_path: Path, setup, match: str) -> None:
     write_tar(tmp_path / "tree.tar", setup())
     folder_params(tmp_path, tmp_path / "tree.tar")
