@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.data import Manifest, read_shard
+from pipeline.data import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class CachedViews:
 def shard_labels(manifest: Manifest, shards_dir: Path, shard: int, start: int, end: int) -> np.ndarray:
     """Labels of one training shard (checksum verified), checked against the store's index range."""
     info = manifest.splits["train"].shards[shard]
-    samples = read_shard(shards_dir / info.name, expected_sha256=info.sha256)
+    samples = manifest.read_shard(shards_dir, "train", shard)  # sha256, labels < num_classes, indices
     if [s.index for s in samples] != list(range(start, end)):
         raise CacheError(f"{shards_dir / info.name}: indices do not match the store's range [{start}, "
                          f"{end}); rerun `aekt prepare` and `aekt cache`.")
