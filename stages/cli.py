@@ -9,6 +9,7 @@ from stages.common import DEBUG_ENV
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aekt-pipeline", prog_name="aekt")
 @click.option("--debug", is_flag=True, help=f"Show the full traceback of every failure (same as {DEBUG_ENV}=1).")
 def main(debug: bool) -> None:
     """Teacher-logit caching knowledge distillation (AEKT). Stages, in order:

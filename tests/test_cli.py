@@ -46,6 +46,8 @@ def test_cli_lists_debug_and_the_stages() -> None:
     assert result.exit_code == 0 and "--debug" in result.output
     for name in ("prepare", "teacher", "cache", "student", "evaluate", "verify-cache", "inspect"):
         assert name in result.output
+    version = aekt_inproc(["--version"], Path.cwd())
+    assert version.exit_code == 0 and version.output.startswith("aekt, version ")
 
 
 def test_preset_args_round_trip_through_the_params_loader(repo_root: Path, tmp_path: Path) -> None:
