@@ -11,8 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.models import build_model, load_weights
+from pipeline.outputs import atomic_path
 
 _RERUN = "rerun the stage that wrote it (`aekt teacher` / `aekt student`, or `dvc repro`)"
 
@@ -40,31 +40,6 @@ def sha256_file(path: str | Path) -> str:
 
 def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
-
-
-def with_path(err: OSError, path: str | Path) -> OSError:
-    """``err`` naming ``path`` when it names none (a failed write() reports no file name)."""
-    if err.filename is not None or err.errno is None:
-        return err
-    return OSError(err.errno, err.strerror, str(path))
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write; on success it is renamed onto ``path`` (so a full
-    disk never leaves a partial file under the final name, and the previous file survives any
-    failure), on failure it is removed. OSErrors name ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise with_path(err, path) from err
-        raise
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.artifacts import atomic_path, load_model  # noqa: E402
+from pipeline.artifacts import load_model  # noqa: E402
 from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
 from pipeline.outputs import write_files  # noqa: E402
@@ -66,8 +66,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: st
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        fig.savefig(path, dpi=110)  # atomically: run_evaluate hands it a temporary path (write_files)
     finally:
         plt.close(fig)
 
@@ -78,9 +77,9 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
     return float((student_logits.argmax(1) == teacher_logits.argmax(1)).mean())
 
 
-# eval.json is a row of `dvc exp show`: the scalars to compare. Per-class accuracy is in
-# plots/eval/per_class.csv (and its chart), not here.
-METRIC_KEYS = ("top1", "num_samples", "teacher_top1", "teacher_agreement")
+# eval.json is a row of `dvc exp show`: the scalars to compare (top-1, top-k, samples, the teacher's
+# top-1 and agreement). Per-class accuracy is in plots/eval/per_class.{csv,json}, not here.
+NOT_METRICS = ("model", "arch", "per_class_top1")
 
 
 def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, metrics_path: Path,
@@ -105,8 +104,7 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
         assert (t_labels == labels).all()  # one deterministic stream: same samples, same order
         report["teacher_top1"] = float((t_logits.argmax(1) == labels).mean())
         report["teacher_agreement"] = teacher_agreement(logits, t_logits)
-    topk = next(k for k in report if k.startswith("top") and k != "top1")
-    metrics = {k: report[k] for k in (*METRIC_KEYS[:1], topk, *METRIC_KEYS[1:]) if k in report}
+    metrics = {k: v for k, v in report.items() if k not in NOT_METRICS}
     matrix = confusion(logits, labels, len(classes))
     title = f"{card['arch']} on {manifest.dataset} test: top-1 {report['top1']:.1%}"
     # All or nothing: every file is written to a temporary name first, so a full disk leaves the

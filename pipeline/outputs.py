@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -35,9 +36,35 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp{path.suffix}")
 
 
+def with_path(err: OSError, path: str | Path) -> OSError:
+    """``err`` naming ``path`` when it names none (a failed write() reports no file name)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror, str(path))
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """One file: a temporary path beside ``path`` to write; on success it is renamed onto ``path`` (so
+    a full disk never leaves a partial file under the final name, and the previous file survives any
+    failure), on failure it is removed. OSErrors name ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise with_path(err, path) from err
+        raise
+
+
 def write_files(writers: dict[Path, Callable[[Path], object]], *, rerun: str) -> list[Path]:
-    """Call each ``writer(temp)``, then rename every temp file into place; on any failure remove the
-    temp files and leave the existing files untouched. Returns the paths written."""
+    """A set of files, all or nothing: call each ``writer(temp)``, then rename every temp file into
+    place; on any failure remove the temp files and leave the existing files untouched. Returns the
+    paths written."""
     temps = {path: temp_path(path) for path in writers}
     current = next(iter(writers), None)
     try:

@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_path, write_json_atomic
+from pipeline.artifacts import write_json_atomic
+from pipeline.outputs import atomic_path
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:

@@ -22,8 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.artifacts import save_tensors, sha256_file, with_path, write_json_atomic
+from pipeline.artifacts import save_tensors, sha256_file, write_json_atomic
 from pipeline.errors import UserError
+from pipeline.outputs import with_path
 
 log = logging.getLogger(__name__)
 KEEP = 2

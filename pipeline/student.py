@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import atomic_path, load_model, read_card, save_model, save_tensors
+from pipeline.artifacts import load_model, read_card, save_model, save_tensors
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.config import AugmentConfig, CacheConfig, LossConfig, StudentConfig, TrainConfig
@@ -20,10 +20,10 @@ from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
 from pipeline.models import build_model, classifier_of
 from pipeline.models.registry import check_arch
+from pipeline.outputs import atomic_path
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import StreamSpec
-from pipeline.teacher import check_batch_size
-from pipeline.train import TrainJob, fit, is_main_process
+from pipeline.train import TrainJob, check_batch_size, fit, is_main_process
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import save_model, sha256_file
-from pipeline.config import AugmentConfig, ConfigError, LossConfig, TeacherConfig
+from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
 from pipeline.models import (
@@ -22,28 +22,17 @@ from pipeline.models import (
     load_weights,
     torchvision_weights,
 )
-from pipeline.models.checkpoints import nonfinite_tensors
+from pipeline.models.checkpoints import name_list, nonfinite_tensors
 from pipeline.models.registry import check_arch
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import ShardStream, StreamSpec
-from pipeline.train import TrainJob, fit, inference_device, is_main_process, predict
+from pipeline.train import TrainJob, check_batch_size, fit, inference_device, is_main_process, predict
 
 log = logging.getLogger(__name__)
 
 # Teacher training draws its augmentations from another stream than the cached views, so the
 # views the cache stores are not the exact images the teacher was fitted on.
 TEACHER_SEED_OFFSET = 1_000_003
-
-
-def check_batch_size(batch_size: int, manifest: Manifest, key: str) -> None:
-    """A batch larger than the training split would make every epoch one short step (and say
-    nothing): refuse it before loaders are built."""
-    split = manifest.splits.get("train")
-    samples = split.num_samples if split is not None else 0
-    if batch_size > samples:
-        raise ConfigError(f"params.yaml {key}: {batch_size} is larger than the training split ({samples} "
-                          f"samples in {manifest.dataset!r}); set {key} to at most {samples} (typically "
-                          "64-256).")
 
 
 def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
@@ -55,9 +44,8 @@ def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
         state = torchvision_weights(cfg.arch, cfg.checkpoint)
     bad = nonfinite_tensors(state)
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(f"{cfg.checkpoint} (params.yaml teacher.checkpoint, {cfg.arch}): {len(bad)} "
-                              f"weight tensors hold NaN/inf ({shown}); the checkpoint is damaged or was "
+                              f"weight tensors hold NaN/inf ({name_list(bad)}); the checkpoint is damaged or was "
                               "saved from a diverged run. Use an intact checkpoint, or remove "
                               "teacher.checkpoint to train the teacher.")
     load_weights(model, state, source=cfg.checkpoint)

@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from pipeline import augment
 from pipeline.config import ConfigError, LossConfig, ScheduleConfig
+from pipeline.data import Manifest
 from pipeline.distributed import make_accelerator
 from pipeline.errors import UserError
 from pipeline.heads import DistillStudent, build_param_groups
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, warmup_factor
-from pipeline.models.checkpoints import nonfinite_tensors
+from pipeline.models.checkpoints import name_list, nonfinite_tensors
 from pipeline.run_state import load_checkpoint, save_checkpoint
 from pipeline.stream import ShardStream, StreamSpec
 
@@ -73,6 +74,17 @@ class TrainJob:
     def __post_init__(self) -> None:
         if self.compile_loss and self.terms_fn is None:
             self.terms_fn = compiled_loss_terms(self.loss)
+
+
+def check_batch_size(batch_size: int, manifest: Manifest, key: str) -> None:
+    """A batch larger than the training split would make every epoch one short step (and say
+    nothing): refuse it before loaders are built."""
+    split = manifest.splits.get("train")
+    samples = split.num_samples if split is not None else 0
+    if batch_size > samples:
+        raise ConfigError(f"params.yaml {key}: {batch_size} is larger than the training split ({samples} "
+                          f"samples in {manifest.dataset!r}); set {key} to at most {samples} (typically "
+                          "64-256).")
 
 
 def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) -> DataLoader:
@@ -138,8 +150,7 @@ def check_finite_weights(model: torch.nn.Module, desc: str, epoch: int, section:
     overflows), so no diverged model is checkpointed or exported."""
     bad = nonfinite_tensors(model.state_dict())
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise TrainingDiverged(f"{desc}: weights became non-finite (NaN/inf) by epoch {epoch} ({shown}); "
+        raise TrainingDiverged(f"{desc}: weights became non-finite (NaN/inf) by epoch {epoch} ({name_list(bad)}); "
                                + _divergence_fix(section))
 
 

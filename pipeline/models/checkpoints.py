@@ -138,6 +138,11 @@ def nonfinite_tensors(state_dict: Mapping[str, Tensor]) -> list[str]:
             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
+def name_list(names: list[str], show: int = 5) -> str:
+    """The first ``show`` names, then how many more: for messages about many tensors."""
+    return ", ".join(names[:show]) + (f" and {len(names) - show} more" if len(names) > show else "")
+
+
 def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str) -> None:
     """Strictly load ``state_dict`` into ``model``, explaining any mismatch.
 
