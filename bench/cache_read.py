@@ -95,6 +95,7 @@ def build_synthetic_store(path: Path, *, num_classes: int, codec: str, samples: 
     prov = Provenance(
         dataset=f"synthetic-c{num_classes}", manifest_sha256="synthetic",
         teacher_arch="synthetic-gaussian", teacher_sha256="synthetic", teacher_precision="no",
+            teacher_input_norm={"mean": list(recipe.mean), "std": list(recipe.std)},
         recipe=recipe.name, augment_seed=seed,
         image_size=PAIRS[PAIR_BY_CLASSES[num_classes]].size, views=views, codec=codec,
         codec_params={"k": topk} if codec == "topk" else {}, num_classes=num_classes,

@@ -46,6 +46,7 @@ from bench.common import (
 )
 from bench.stage1 import make_store, prepare_dataset
 from bench.student_step import bench_accelerator
+from pipeline.augment import Normalization
 from pipeline.cache.codecs import CODEC_NAMES, make_codec
 from pipeline.cache.writer import ShardSource, write_items
 from pipeline.config import AugmentConfig, CacheConfig, LossConfig, TrainConfig
@@ -84,6 +85,7 @@ def measure_point(workdir: Path, *, samples: int | None, views: int, codec: str,
                                                       samples=samples, shard_size=shard_size)
     cfg = CacheConfig(codec=codec, topk=5, workers=workers, mixed_precision=precision)
     aug = AugmentConfig(recipe="digits", seed=0, views=views)
+    norm = Normalization.of_recipe("digits")
     source = ShardSource(manifest, shards)
     items = [(v, s) for v in range(views) for s in range(len(manifest.splits["train"].shards))]
     torch.manual_seed(0)
@@ -92,7 +94,7 @@ def measure_point(workdir: Path, *, samples: int | None, views: int, codec: str,
     stage1 = []
     for r in range(rounds):
         store = make_store(workdir / f"n{samples}-v{views}-{r}.zarr", manifest, "digits_cnn", cfg, aug)
-        stage1.append(timed(lambda st=store: write_items(st, source, teacher, items, cfg, aug, device=dev,
+        stage1.append(timed(lambda st=store: write_items(st, source, teacher, items, cfg, aug, norm=norm, device=dev,
                                                          progress=False), dev)[0])
     loss = LossConfig(name="aekt", warmup_epochs=0)
     spec = StreamSpec(manifest_path=manifest_path, shards_dir=shards, split="train", recipe="digits",
@@ -119,7 +121,7 @@ def measure_point(workdir: Path, *, samples: int | None, views: int, codec: str,
             lambda: train_epoch(job, accelerator, wrapped, opt, stream, 1))
         point["profile_stage1"] = profile_top(lambda: write_items(
             make_store(workdir / "profile.zarr", manifest, "digits_cnn", cfg, aug), source, teacher, items,
-            cfg, aug, device=dev, progress=False))
+            cfg, aug, norm=norm, device=dev, progress=False))
     return point
 
 

@@ -42,6 +42,7 @@ from bench.common import (
     summary,
     timed,
 )
+from pipeline.augment import Normalization
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.codecs import CODEC_NAMES
 from pipeline.cache.store import LogitStore
@@ -92,7 +93,8 @@ def prepare_dataset(kind: str, workdir: Path, *, samples: int | None,
 def make_store(path: Path, manifest: Manifest, teacher_arch: str, cfg: CacheConfig,
                aug: AugmentConfig) -> LogitStore:
     """A fresh store with the provenance stage 1 would give it (teacher hash: a placeholder)."""
-    card = {"arch": teacher_arch, "num_classes": manifest.num_classes, "sha256": "benchmark-untrained"}
+    card = {"arch": teacher_arch, "num_classes": manifest.num_classes, "sha256": "benchmark-untrained",
+            "input_norm": Normalization.of_recipe(aug.recipe).to_dict()}
     prov = expected_provenance(manifest, card, cfg, aug)
     return LogitStore.create(path, prov, compressor=cfg.compressor, clevel=cfg.clevel)
 
@@ -117,6 +119,7 @@ def run(*, device: str = "cpu", dataset: str = "digits", codecs: Sequence[str] =
         n_classes = manifest.num_classes
         k = topk if topk is not None else min(20, n_classes // 2)  # k < C, so the tail path is exercised
         aug = AugmentConfig(recipe=recipe, seed=0, views=views)
+        norm = Normalization.of_recipe(recipe)  # a zoo teacher built here: its recipe's statistics
         source = ShardSource(manifest, shards)
         items = [(v, s) for v in range(views) for s in range(len(manifest.splits["train"].shards))]
         n_views = views * manifest.splits["train"].num_samples
@@ -131,18 +134,18 @@ def run(*, device: str = "cpu", dataset: str = "digits", codecs: Sequence[str] =
 
         def forward_only() -> int:
             for item in loaded:
-                teacher_logits(teacher, item["images"], recipe, batch_size=batch_size, device=dev,
+                teacher_logits(teacher, item["images"], norm, batch_size=batch_size, device=dev,
                                mixed_precision=precision)
             return n_views
 
-        logits = [teacher_logits(teacher, it["images"], recipe, batch_size=batch_size, device=dev,
+        logits = [teacher_logits(teacher, it["images"], norm, batch_size=batch_size, device=dev,
                                  mixed_precision=precision) for it in loaded]  # warm-up + inputs
         # Fresh stores made before timing: creating one is a one-off, not per-sample work.
         stores = {c: [make_store(tmp / f"{c}-{r}.zarr", manifest, arch, cfgs[c], aug) for r in range(rounds)]
                   for c in codecs}
 
         def write_all(codec: str) -> int:
-            write_items(stores[codec].pop(), source, teacher, items, cfgs[codec], aug, device=dev,
+            write_items(stores[codec].pop(), source, teacher, items, cfgs[codec], aug, norm=norm, device=dev,
                         progress=False)
             return n_views
 
@@ -181,7 +184,7 @@ def run(*, device: str = "cpu", dataset: str = "digits", codecs: Sequence[str] =
         if profile:
             st = make_store(tmp / "profile.zarr", manifest, arch, cfgs[codecs[0]], aug)
             payload["profile_write_items"] = profile_top(lambda: write_items(
-                st, source, teacher, items, cfgs[codecs[0]], aug, device=dev, progress=False))
+                st, source, teacher, items, cfgs[codecs[0]], aug, norm=norm, device=dev, progress=False))
         return payload
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -107,7 +108,27 @@ def read_card(weights: str | Path) -> dict[str, Any]:
     for key, kind in (("arch", str), ("num_classes", int), ("in_channels", int), ("sha256", str)):
         if not isinstance(card.get(key), kind):
             raise ArtifactError(f"{path}: field '{key}' missing or not {kind.__name__}.")
+    _check_input_norm(card, path)
     return card
+
+
+def _check_input_norm(card: dict[str, Any], path: Path) -> None:
+    """``input_norm`` (absent on older cards: the recipe's statistics) is a mean and a positive std
+    per input channel; anything else would feed the model garbage without an error."""
+    norm = card.get("input_norm")
+    if norm is None:
+        if not isinstance(card.get("recipe"), str):
+            raise ArtifactError(f"{path}: the card has neither 'input_norm' nor 'recipe', so the model's input "
+                                "normalisation is unknown; rerun the stage that wrote it.")
+        return
+    channels = card["in_channels"]
+    ok = isinstance(norm, dict) and all(
+        isinstance(norm.get(k), list) and len(norm[k]) == channels
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in norm[k])
+        for k in ("mean", "std"))
+    if not ok or not all(v > 0 for v in norm["std"]):
+        raise ArtifactError(f"{path}: 'input_norm' must be {{'mean': [...], 'std': [...]}} with {channels} finite "
+                            f"numbers each and every std > 0, got {norm!r}; rerun the stage that wrote the card.")
 
 
 def load_model(weights: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

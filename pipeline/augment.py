@@ -159,9 +159,47 @@ def eval_transform(recipe: str, image: torch.Tensor, *, size: int = 224) -> torc
     return TF.center_crop(resized, [size, size])
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """A model's input normalisation: per-channel mean and std of pixels scaled to [0, 1].
+
+    It belongs to the model, not to the data: a model trained here uses its recipe's dataset
+    statistics, an imported one the statistics its weights were trained with (the published
+    CIFAR-10 option-A ResNets use ImageNet's). The model card records it, and every place that
+    feeds a model (teacher training, stage 1, verify-cache, the student, evaluation) normalises
+    for that model, so a teacher and a student may differ.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of_recipe(cls, recipe: str) -> Normalization:
+        info = recipe_info(recipe)
+        return cls(info.mean, info.std)
+
+    @classmethod
+    def from_card(cls, card: dict) -> Normalization:
+        """A model card's ``input_norm``; cards written before it existed used their recipe's statistics."""
+        norm = card.get("input_norm")
+        if norm is None:
+            return cls.of_recipe(card["recipe"])
+        return cls(tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"]))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, C, H, W]`` -> float32 normalised with these statistics."""
+        if images.shape[1] != len(self.mean):
+            raise ValueError(f"input normalisation has {len(self.mean)} channel statistics but the images have "
+                             f"{images.shape[1]} channels")
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+
 def normalize(images: torch.Tensor, recipe: str) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float32 normalised with the recipe's channel statistics."""
-    info = recipe_info(recipe)
-    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    """uint8 ``[B, C, H, W]`` -> float32 normalised with the recipe's channel statistics (the
+    normalisation of every model trained here; imported models carry their own, see Normalization)."""
+    return Normalization.of_recipe(recipe)(images)

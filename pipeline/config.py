@@ -124,12 +124,13 @@ def _check_range(section: str, key: str, value: Any, meta: Any) -> None:
         return
     where = f"params.yaml {section}.{key}"
     choices = meta.get("choices")
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}.{hint}")
-    lo, hi = meta.get("lo"), meta.get("hi")
     items = value if isinstance(value, tuple) else (value,)
+    for item in items if choices else ():
+        if item not in choices:
+            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: {item!r} is not one of {', '.join(map(str, choices))}.{hint}")
+    lo, hi = meta.get("lo"), meta.get("hi")
     for item in items:
         if isinstance(item, int | float) and not isinstance(item, bool):
             if lo is not None and item < lo:
@@ -142,6 +143,7 @@ DATA_SOURCES = ("digits", "cifar10", "cifar100", "folder", "imagenet")
 RECIPES = ("digits", "cifar", "imagenet")
 CODECS = ("fp32", "fp16", "int8", "topk")
 LOSS_NAMES = ("ce", "kd", "dkd", "nkd", "dist", "aekt")
+DISTILL_LOSSES = LOSS_NAMES[1:]
 
 
 # Upper bounds on sizes: far above any real run, low enough that a typo (an extra 000) fails at once
@@ -238,6 +240,15 @@ class TeacherConfig(ScheduleConfig):
     arch: str = "digits_cnn"
     # Import this checkpoint instead of training (a path, or a torchvision weights enum name).
     checkpoint: str | None = None
+    # With a checkpoint: fine-tune it on the training shards for `epochs` epochs with this section's
+    # schedule (lr, lr_schedule, weight_decay, ...) instead of using it as imported.
+    finetune: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.finetune and not self.checkpoint:
+            raise ConfigError("params.yaml teacher.finetune: true needs teacher.checkpoint (the weights to "
+                              "fine-tune); set the checkpoint, or set finetune: false to train from scratch.")
 
 
 @dataclass(frozen=True)
@@ -266,8 +277,12 @@ class LossConfig(Section):
     ce_weight: float = _opt(1.0, lo=0.0, hi=1e6)  # weight of CE on z_cls
     kd_weight: float = _opt(1.0, lo=0.0, hi=1e6)  # KD only: weight of the KD term (recipe: CE .1, KD .9)
     alpha: float = _opt(1.0, lo=0.0, hi=1e6)  # DKD/AEKT: explicit (target-class) term weight
-    beta: float = _opt(8.0, lo=0.0, hi=1e6)  # DKD/AEKT: NCKD weight; DIST: inter-class weight
-    gamma: float = _opt(1.0, lo=0.0, hi=1e6)  # NKD: non-target weight; DIST: intra-class weight
+    beta: float = _opt(8.0, lo=0.0, hi=1e6)  # DKD/AEKT only: NCKD weight
+    gamma: float = _opt(1.0, lo=0.0, hi=1e6)  # NKD only: non-target weight
+    # DIST has its own weights, so `loss.name=dist` never inherits DKD's beta = 8: the DIST paper's
+    # CIFAR-100 setting is inter = intra = 2 at tau 4 (ImageNet: 1 and 1 at tau 1).
+    dist_beta: float = _opt(2.0, lo=0.0, hi=1e6)  # DIST: inter-class (per-sample) weight
+    dist_gamma: float = _opt(2.0, lo=0.0, hi=1e6)  # DIST: intra-class (per-class) weight
     adaptive: str = _opt("ratio", choices=("ratio", "none"))
     explicit: str = _opt("binary_kl", choices=("binary_kl", "nkd"))
     head: str = _opt("serial", choices=("serial", "parallel", "none"))
@@ -275,8 +290,20 @@ class LossConfig(Section):
     w_max: float = _opt(10.0, lo=0.0, hi=1e6)
     # Linear warm-up of the distillation weight, lambda(e) = min(1, e / warmup_epochs); 0 = off.
     warmup_epochs: float = _opt(20.0, lo=0.0, hi=MAX_EPOCHS)
-    # The serial head acts on logits (|z| ~ 10): at the body's lr it diverges, so it gets its own.
+    # The losses the warm-up applies to: DKD's published recipe and AEKT have one; KD, NKD and DIST
+    # do not, so by default they train at full distillation weight from epoch 1.
+    warmup_losses: tuple[str, ...] = _opt(("dkd", "aekt"), choices=DISTILL_LOSSES)
+    # The serial head FC_TS acts on logits (|z| ~ 10): at the body's lr it diverges, so it gets
+    # its own. Only FC_TS: the parallel head reads features and trains at the body's lr.
     head_lr_scale: float = _opt(0.01, lo=0.0, hi=1e3)
+
+    @property
+    def effective_head(self) -> str:
+        """The head actually built: the serialization head is part of AEKT; baselines have none."""
+        return self.head if self.name == "aekt" else "none"
+
+    def uses_warmup(self) -> bool:
+        return self.name != "ce" and self.name in self.warmup_losses and self.warmup_epochs > 0
 
     def validate(self) -> None:
         if self.w_min > self.w_max:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.artifacts import load_model  # noqa: E402
+from pipeline.augment import Normalization  # noqa: E402
 from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
 from pipeline.outputs import write_files  # noqa: E402
@@ -91,15 +92,16 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
                       image_size=aug.size, aug_seed=aug.seed, views=1, train=False)
     device = inference_device(cfg.device, "params.yaml eval.device")
     logits, labels = predict(model.to(device), ShardStream(spec), device=device, batch_size=cfg.batch_size,
-                             workers=cfg.workers)
+                             workers=cfg.workers, norm=Normalization.from_card(card))
     model.cpu()
     classes = list(manifest.classes)
     report = {"model": str(model_path), "arch": card["arch"], **accuracy_report(logits, labels, classes,
                                                                                 cfg.top_k)}
     if teacher_path is not None:
-        teacher = load_model(teacher_path)[0]
+        teacher, t_card = load_model(teacher_path)
         t_logits, t_labels = predict(teacher.to(device), ShardStream(spec), device=device,
-                                     batch_size=cfg.batch_size, workers=cfg.workers)
+                                     batch_size=cfg.batch_size, workers=cfg.workers,
+                                     norm=Normalization.from_card(t_card))
         teacher.cpu()
         assert (t_labels == labels).all()  # one deterministic stream: same samples, same order
         report["teacher_top1"] = float((t_logits.argmax(1) == labels).mean())

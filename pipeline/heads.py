@@ -75,7 +75,10 @@ class DistillStudent(nn.Module):
         z_cls = self.backbone(x)  # [B, C]
         if self.head_kind == "serial":
             assert self.head is not None
-            return z_cls, self.head(z_cls)
+            # FC_TS in fp32 with autocast off: its learned deviations from the identity are ~1e-3
+            # of logits ~10, below bf16's 2^-8 resolution, so under bf16 z_kd would equal z_cls.
+            with torch.autocast(device_type=z_cls.device.type, enabled=False):
+                return z_cls, self.head(z_cls.to(self.head.weight.dtype))
         if self.head_kind == "parallel":
             assert self.head is not None and self._features is not None, "classifier hook did not run"
             features, self._features = self._features, None  # don't keep the graph alive
@@ -83,7 +86,7 @@ class DistillStudent(nn.Module):
         return z_cls, z_cls
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """FC_TS or parallel-head parameters (trained at loss.head_lr_scale × the base lr)."""
+        """FC_TS or parallel-head parameters (FC_TS trains at loss.head_lr_scale × the base lr)."""
         return [] if self.head is None else list(self.head.parameters())
 
     def body_parameters(self) -> list[nn.Parameter]:
@@ -107,14 +110,17 @@ def build_param_groups(model: DistillStudent, *, lr: float, weight_decay: float,
                        no_decay_norm_bias: bool) -> list[dict]:
     """Optimizer param groups: body and head, each split into decay / no-decay when asked.
 
-    The head group's lr is ``lr * head_lr_scale`` (FC_TS acts on logits of magnitude ~10, so at
-    the body's lr it diverges). Each group carries "name" and "base_lr" (its lr at schedule scale
-    1) so a trainer sets ``group["lr"] = group["base_lr"] * schedule(step)``. Parameters with
-    ``requires_grad=False`` are left out; empty groups are dropped.
+    The serial head's lr is ``lr * head_lr_scale`` (FC_TS acts on logits of magnitude ~10, so at
+    the body's lr it diverges); the parallel head reads the same features as the classifier and
+    trains at the body's ``lr`` (scaled down it would stay near its initial copy). Each group
+    carries "name" and "base_lr" (its lr at schedule scale 1) so a trainer sets
+    ``group["lr"] = group["base_lr"] * schedule(step)``. Parameters with ``requires_grad=False``
+    are left out; empty groups are dropped.
     """
     groups: list[dict] = []
     for part, params, part_lr in (("body", model.body_parameters(), lr),
-                                  ("head", model.head_parameters(), lr * head_lr_scale)):
+                                  ("head", model.head_parameters(),
+                                   lr * head_lr_scale if model.head_kind == "serial" else lr)):
         params = [p for p in params if p.requires_grad]
         decay = [p for p in params if not (no_decay_norm_bias and _is_no_decay(p))]
         no_decay = [p for p in params if no_decay_norm_bias and _is_no_decay(p)]

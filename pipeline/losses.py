@@ -36,7 +36,7 @@ from pipeline.loss_terms import (
 
 __all__ = [
     "LOSSES", "STAT_PREFIX", "LossOutput", "TermsFn", "aekt_loss", "ce_loss", "compute_loss", "describe_loss",
-    "compiled_loss_terms", "dist_loss", "dkd_loss", "kd_loss", "loss_terms", "nckd", "nkd_loss", "tckd",
+    "compiled_loss_terms", "dist_loss", "dkd_loss", "kd_loss", "loss_terms", "loss_warmup", "nckd", "nkd_loss", "tckd",
     "warmup_factor",
 ]
 
@@ -66,7 +66,7 @@ def _nkd(cfg: LossConfig, student: Tensor, teacher: Tensor, targets: Tensor) -> 
 
 
 def _dist(cfg: LossConfig, student: Tensor, teacher: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    return dist_terms(student, teacher, beta=cfg.beta, gamma=cfg.gamma, tau=cfg.tau)
+    return dist_terms(student, teacher, beta=cfg.dist_beta, gamma=cfg.dist_gamma, tau=cfg.tau)
 
 
 def _aekt(cfg: LossConfig, student: Tensor, teacher: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -91,7 +91,7 @@ _FORMULAS: dict[str, Callable[[LossConfig], str]] = {
     "kd": lambda cfg: f"{cfg.kd_weight:g}·kd",
     "dkd": lambda cfg: f"{cfg.alpha:g}·tckd + {cfg.beta:g}·nckd",
     "nkd": lambda cfg: f"nkd_target + {cfg.gamma:g}·nkd_nontarget",
-    "dist": lambda cfg: f"{cfg.beta:g}·dist_inter + {cfg.gamma:g}·dist_intra",
+    "dist": lambda cfg: f"{cfg.dist_beta:g}·dist_inter + {cfg.dist_gamma:g}·dist_intra",
     "aekt": _aekt_formula,
 }
 
@@ -212,7 +212,13 @@ def describe_loss(cfg: LossConfig, warmup: float) -> str:
     text += f" + {round(float(warmup), 4)}·({_FORMULAS[cfg.name](cfg)}) [τ={cfg.tau:g}"
     if cfg.name == "aekt" and cfg.adaptive == "ratio":
         text += f", w=clip(sg(p_t^T/p_t^S), {cfg.w_min:g}, {cfg.w_max:g})"
-    return text + f", head={cfg.head}]"
+    return text + f", head={cfg.effective_head}]"
+
+
+def loss_warmup(cfg: LossConfig, epoch: int) -> float:
+    """λ(e) for ``cfg`` at 1-based ``epoch``: the warm-up ramp for the losses in
+    ``cfg.warmup_losses`` (DKD and AEKT by default), 1.0 for the others (and for CE)."""
+    return warmup_factor(epoch, cfg.warmup_epochs) if cfg.uses_warmup() else 1.0
 
 
 def warmup_factor(epoch: float, warmup_epochs: float) -> float:

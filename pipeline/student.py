@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import load_model, read_card, save_model, save_tensors
+from pipeline.augment import Normalization
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.config import AugmentConfig, CacheConfig, LossConfig, StudentConfig, TrainConfig
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
 from pipeline.models import build_model, classifier_of
-from pipeline.models.registry import check_arch
+from pipeline.models.registry import check_arch, model_normalization
 from pipeline.outputs import atomic_path
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import StreamSpec
@@ -63,8 +64,13 @@ def build_student(arch: str, manifest: Manifest, loss: LossConfig, seed: int) ->
     torch.manual_seed(seed)
     backbone = build_model(arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
     # The serialization head is part of AEKT; baselines (KD, DKD, ...) train without one.
-    head = loss.head if loss.name == "aekt" else "none"
-    return DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, head)
+    return DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, loss.effective_head)
+
+
+def loss_card(loss: LossConfig) -> dict[str, Any]:
+    """The loss as trained, for the model card: ``head`` is the head actually built (baselines
+    have none, whatever params.yaml's ``loss.head`` says), and the warm-up as applied."""
+    return {**loss.to_dict(), "head": loss.effective_head, "warmup_applied": loss.uses_warmup()}
 
 
 def fingerprint(*parts: Any) -> str:
@@ -98,7 +104,9 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
     check_batch_size(train.batch_size, manifest, "train.batch_size")
     online = train.teacher == "online" or loss.name == "ce"
     store = None if online else check_store(paths, manifest, cache, aug, train)
-    teacher = load_model(paths.teacher)[0] if train.teacher == "online" and loss.name != "ce" else None
+    online_teacher = train.teacher == "online" and loss.name != "ce"
+    teacher, teacher_card = load_model(paths.teacher) if online_teacher else (None, None)
+    norm = model_normalization(student.arch, aug.recipe)  # the student normalises for itself
     views = store.provenance.views if store else aug.views
     common = dict(manifest_path=paths.manifest, shards_dir=paths.shards_dir, recipe=aug.recipe,
                   image_size=aug.size, aug_seed=aug.seed, views=views, seed=train.seed)
@@ -106,7 +114,8 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         model=build_student(student.arch, manifest, loss, train.seed), sched=train, loss=loss,
         train=StreamSpec(split="train", view_policy=train.view_policy, batch_augment=True,
                          store_path=None if store is None else paths.store, **common),
-        test=StreamSpec(split="test", train=False, **common), teacher=teacher,
+        test=StreamSpec(split="test", train=False, **common), norm=norm, teacher=teacher,
+        teacher_norm=None if teacher_card is None else Normalization.from_card(teacher_card),
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
         fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
         desc=f"student[{loss.name}]", compile_loss=train.compile_loss)
@@ -119,8 +128,9 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
     if is_main_process():
         card = {"arch": student.arch, "num_classes": manifest.num_classes,
                 "in_channels": manifest.channels, "classes": list(manifest.classes),
-                "recipe": aug.recipe, "image_size": aug.size, "dataset": manifest.dataset,
-                "manifest_sha256": manifest.sha256, "loss": asdict(loss), "train": train.to_dict(),
+                "recipe": aug.recipe, "input_norm": norm.to_dict(), "image_size": aug.size,
+                "dataset": manifest.dataset,
+                "manifest_sha256": manifest.sha256, "loss": loss_card(loss), "train": train.to_dict(),
                 "cache": None if store is None else asdict(store.provenance),
                 "test_top1": final["test_top1"]}
         save_model(model.backbone, paths.model_out, card)  # the head is dropped: z_cls only

@@ -1,4 +1,5 @@
-"""Teacher stage: train a zoo model with CE on the prepared shards, or import a checkpoint."""
+"""Teacher stage: train a zoo model with CE on the prepared shards, import a checkpoint, or import
+one and fine-tune it on the training shards (``teacher.finetune``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import save_model, sha256_file
+from pipeline.augment import Normalization
 from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
@@ -23,7 +25,7 @@ from pipeline.models import (
     torchvision_weights,
 )
 from pipeline.models.checkpoints import name_list, nonfinite_tensors
-from pipeline.models.registry import check_arch
+from pipeline.models.registry import check_arch, model_normalization
 from pipeline.reports import write_history_csv, write_metrics
 from pipeline.stream import ShardStream, StreamSpec
 from pipeline.train import TrainJob, check_batch_size, fit, inference_device, is_main_process, predict
@@ -52,47 +54,71 @@ def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
     return model
 
 
+def _fit(cfg: TeacherConfig, backbone: torch.nn.Module, manifest: Manifest, norm: Normalization,
+         common: dict[str, Any], test: StreamSpec, progress: bool, desc: str) -> tuple[torch.nn.Module, list]:
+    """CE training of ``backbone`` on the train split with ``cfg``'s schedule (from scratch, or a
+    fine-tune of imported weights)."""
+    check_batch_size(cfg.batch_size, manifest, "teacher.batch_size")
+    job = TrainJob(model=DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, "none"),
+                   sched=cfg, loss=LossConfig(name="ce", head="none"),
+                   train=StreamSpec(split="train", batch_augment=True, **common), test=test, norm=norm,
+                   progress=progress, desc=desc)
+    wrapped, history = fit(job)
+    return wrapped.backbone, history
+
+
 def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metrics_path: Path,
                 history_path: Path, cfg: TeacherConfig, aug: AugmentConfig,
                 progress: bool = True) -> dict[str, Any]:
+    """Train the teacher, import it (``teacher.checkpoint``), or import and fine-tune it
+    (``teacher.finetune``: ``epochs`` more epochs of CE at ``lr`` with the teacher's schedule)."""
     check_arch(cfg.arch, "teacher.arch")
     start = time.perf_counter()
     manifest = Manifest.load(manifest_path)
+    norm = model_normalization(cfg.arch, aug.recipe)
     common = dict(manifest_path=manifest_path, shards_dir=shards_dir, recipe=aug.recipe,
                   image_size=aug.size, aug_seed=aug.seed + TEACHER_SEED_OFFSET, views=cfg.epochs,
                   seed=cfg.seed)
     test = StreamSpec(split="test", train=False, **common)
     history: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
     if cfg.checkpoint:
         model = _import(cfg, manifest)
         device = inference_device("auto", "teacher")  # an imported ImageNet teacher: 50k val images
         logits, labels = predict(model.to(device), ShardStream(test), device=device,
-                                 batch_size=cfg.batch_size, workers=cfg.workers)
+                                 batch_size=max(256, cfg.batch_size), workers=cfg.workers, norm=norm)
         model.cpu()
-        top1 = float((logits.argmax(1) == labels).mean())
-        source = {"kind": "imported", "checkpoint": cfg.checkpoint,
-                  "checkpoint_sha256": sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None}
+        top1 = imported_top1 = float((logits.argmax(1) == labels).mean())
+        log.info("imported %s from %s: test top-1 %.4f", cfg.arch, cfg.checkpoint, imported_top1)
+        source: dict[str, Any] = {
+            "kind": "fine-tuned" if cfg.finetune else "imported", "checkpoint": cfg.checkpoint,
+            "checkpoint_sha256": sha256_file(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None,
+            "imported_test_top1": imported_top1}
+        metrics["imported_top1"] = imported_top1
+        if cfg.finetune:
+            torch.manual_seed(cfg.seed)
+            model, history = _fit(cfg, model, manifest, norm, common, test, progress,
+                                  f"teacher[{cfg.arch} fine-tune]")
+            top1 = history[-1]["test_top1"]
+            source["finetune"] = asdict(cfg)
     else:
-        check_batch_size(cfg.batch_size, manifest, "teacher.batch_size")
         torch.manual_seed(cfg.seed)
         backbone = build_model(cfg.arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
-        job = TrainJob(model=DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, "none"),
-                       sched=cfg, loss=LossConfig(name="ce", head="none"),
-                       train=StreamSpec(split="train", batch_augment=True, **common), test=test, progress=progress,
-                       desc=f"teacher[{cfg.arch}]")
-        wrapped, history = fit(job)
-        model, top1 = wrapped.backbone, history[-1]["test_top1"]
+        model, history = _fit(cfg, backbone, manifest, norm, common, test, progress, f"teacher[{cfg.arch}]")
+        top1 = history[-1]["test_top1"]
         source = {"kind": "trained", "config": asdict(cfg)}
     metrics = {"arch": cfg.arch, "test_top1": top1, "epochs": len(history), "source": source["kind"],
-               "seconds": round(time.perf_counter() - start, 2)}
+               **metrics, "seconds": round(time.perf_counter() - start, 2)}
     if is_main_process():
         card = {"arch": cfg.arch, "num_classes": manifest.num_classes, "in_channels": manifest.channels,
-                "classes": list(manifest.classes), "recipe": aug.recipe, "dataset": manifest.dataset,
-                "manifest_sha256": manifest.sha256, "test_top1": top1, "source": source}
+                "classes": list(manifest.classes), "recipe": aug.recipe, "input_norm": norm.to_dict(),
+                "dataset": manifest.dataset, "manifest_sha256": manifest.sha256, "test_top1": top1,
+                "source": source}
         metrics["sha256"] = save_model(model, model_out, card)["sha256"]
         # A metrics file is a row of `dvc exp show`: scalars to compare only (arch, source and the
         # weights' sha256 are in the card beside the weights).
-        write_metrics(metrics_path, {k: metrics[k] for k in ("test_top1", "epochs", "seconds")})
+        write_metrics(metrics_path, {k: metrics[k] for k in ("test_top1", "imported_top1", "epochs", "seconds")
+                                     if k in metrics})
         if history:
             write_history_csv(history_path, history)
     return metrics

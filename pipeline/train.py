@@ -29,7 +29,7 @@ from pipeline.data import Manifest
 from pipeline.distributed import make_accelerator
 from pipeline.errors import UserError
 from pipeline.heads import DistillStudent, build_param_groups
-from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, warmup_factor
+from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, loss_warmup
 from pipeline.models.checkpoints import name_list, nonfinite_tensors
 from pipeline.run_state import load_checkpoint, save_checkpoint
 from pipeline.stream import ShardStream, StreamSpec
@@ -60,7 +60,11 @@ class TrainJob:
     loss: LossConfig
     train: StreamSpec
     test: StreamSpec
+    # Input normalisation of the model trained (its own: Normalization docs) and of the online
+    # teacher; None = the recipe's statistics, the normalisation of every model trained here.
+    norm: augment.Normalization | None = None
     teacher: torch.nn.Module | None = None  # online KD: run the teacher each step
+    teacher_norm: augment.Normalization | None = None
     ckpt_dir: Path | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -72,6 +76,8 @@ class TrainJob:
     terms_fn: TermsFn | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self.norm = self.norm or augment.Normalization.of_recipe(self.train.recipe)
+        self.teacher_norm = self.teacher_norm or augment.Normalization.of_recipe(self.train.recipe)
         if self.compile_loss and self.terms_fn is None:
             self.terms_fn = compiled_loss_terms(self.loss)
 
@@ -163,15 +169,17 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
     params = batch.get("params")
     if params is not None and params.numel():  # augmentation deferred to the batch (stream batch_augment)
         images = augment.apply_batch(recipe, images, params.to(device, non_blocking=True))
-    x = to_device_layout(augment.normalize(images, recipe))
+    assert job.norm is not None and job.teacher_norm is not None
+    x = to_device_layout(job.norm(images))
     y = batch["label"].to(device, non_blocking=True)
     with accelerator.accumulate(model), accelerator.autocast():
         z_cls, z_kd = model(x)
         teacher = None
         if job.loss.name != "ce":
             if job.teacher is not None:
+                x_t = x if job.teacher_norm == job.norm else to_device_layout(job.teacher_norm(images))
                 with torch.no_grad():
-                    teacher = job.teacher(x).float()
+                    teacher = job.teacher(x_t).float()
             else:
                 teacher = batch["teacher"].to(device, non_blocking=True)
         z_cls, z_kd = z_cls.float(), z_kd.float()
@@ -195,7 +203,7 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     sched, recipe = job.sched, job.train.recipe
     n_local = stream.num_samples()
     steps = max(1, math.ceil(n_local / sched.batch_size))
-    warm = warmup_factor(epoch, job.loss.warmup_epochs) if job.loss.name != "ce" else 1.0
+    warm = loss_warmup(job.loss, epoch)  # epochs count from 1: lambda(1) = 1 / warmup_epochs
     term_sums: dict[str, torch.Tensor] = {}
     grad_sums: dict[str, torch.Tensor] = {}
     stat_sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no per-step host sync
@@ -243,13 +251,14 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device, batch_size: int,
-            workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``[n, C]`` (z_cls for a DistillStudent) and labels ``[n]`` of this rank's shards."""
+            norm: augment.Normalization, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, C]`` (z_cls for a DistillStudent) and labels ``[n]`` of this rank's shards;
+    ``norm`` is the model's input normalisation."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for batch in build_loader(stream, batch_size, workers, device.type == "cuda"):
-        out = model(augment.normalize(batch["image"].to(device), stream.spec.recipe))
+        out = model(norm(batch["image"].to(device)))
         logits.append((out[0] if isinstance(out, tuple) else out).float().cpu())
         labels.append(batch["label"])
     model.train(was_training)
@@ -271,9 +280,9 @@ def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> di
 
 
 def evaluate(accelerator: Any, model: torch.nn.Module, stream: ShardStream, batch_size: int,
-             workers: int = 0) -> dict:
+             norm: augment.Normalization, workers: int = 0) -> dict:
     logits, labels = predict(accelerator.unwrap_model(model), stream, device=accelerator.device,
-                             batch_size=batch_size, workers=workers)
+                             batch_size=batch_size, norm=norm, workers=workers)
     hits = topk_hits(logits, labels, (1, 5))
     local = torch.tensor([hits[1].sum(), hits[5].sum(), len(labels)], dtype=torch.float64,
                          device=accelerator.device)
@@ -312,7 +321,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     for epoch in range(start, sched.epochs + 1):
         row = train_epoch(job, accelerator, model, optimizer, train_stream, epoch)
         check_finite_weights(accelerator.unwrap_model(model), job.desc, epoch, sched.SECTION or "train")
-        row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size), sched.workers))
+        row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size), job.norm, sched.workers))
         job.history.append(row)
         log.info("%s epoch %d: loss %.4f top1 %.4f (%.0f img/s)", job.desc, epoch, row["loss/total"],
                  row["test_top1"], row["img_per_s"])

@@ -101,3 +101,45 @@ def test_two_processes_write_the_same_store_as_one(tiny_pipeline: Path, tmp_path
     expected, got = store_arrays(tiny_pipeline / "store.zarr"), store_arrays(work / "store.zarr")
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+def test_stage1_and_verify_normalise_for_the_teacher_its_card_names(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """A teacher's input normalisation belongs to the teacher: stage 1 and verify-cache feed it the
+    replayed view normalised with its card's statistics (an imported teacher's differ from the
+    recipe's), and the store records them, so a store cached under other statistics is refused."""
+    import json
+
+    import torch
+
+    from pipeline import augment
+    from pipeline.artifacts import card_path, load_model
+    from pipeline.cache.writer import ShardSource, augment_views
+
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline, work)
+    card_file = card_path(work / "teacher.safetensors")
+    card = json.loads(card_file.read_text())
+    own = augment.Normalization((0.5,), (0.25,))  # not the digits recipe's (0.3053, 0.3760)
+    card_file.write_text(json.dumps({**card, "input_norm": own.to_dict()}))
+    cache, aug = cfgs(work)
+    manifest = Manifest.load(work / "manifest.json")
+    stale = LogitStore.open(work / "store.zarr").provenance
+    with pytest.raises(CacheError, match="teacher_input_norm"):
+        open_or_create(work / "store.zarr", replace(stale, teacher_input_norm=own.to_dict()), cache, rebuild=False)
+    run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
+         "teacher.safetensors", "--store", "store.zarr", "--rebuild", "--no-progress"], work)
+    store = LogitStore.open(work / "store.zarr")
+    assert store.provenance.teacher_input_norm == own.to_dict()
+    keys, images, labels, indices = ShardSource(manifest, work / "shards").load(2)
+    stored, params = store.read_row(1, 2, labels)
+    views = augment_views("digits", images, params, 224)
+    teacher, _ = load_model(work / "teacher.safetensors")
+    with torch.no_grad():
+        fresh = teacher.eval()(own(views)).numpy()
+        recipe_normalised = teacher(augment.normalize(views, "digits")).numpy()
+    np.testing.assert_allclose(stored, fresh, atol=1e-4)
+    assert np.abs(stored - recipe_normalised).max() > 0.1
+    report = verify_cache(store_path=work / "store.zarr", manifest_path=work / "manifest.json",
+                          shards_dir=work / "shards", teacher_path=work / "teacher.safetensors",
+                          cfg=cache, aug=aug, samples=32)
+    assert report["ok"] and report["kl_tau1_max"] < 1e-9

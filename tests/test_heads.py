@@ -106,7 +106,9 @@ def test_param_groups(head, no_decay):
     for g in groups:
         in_head = {id(p) in head_ids for p in g["params"]}
         assert in_head == {g["name"].startswith("head")}
-        assert g["lr"] == g["base_lr"] == pytest.approx(0.001 if g["name"].startswith("head") else 0.1)
+        # head_lr_scale is for FC_TS (it reads logits); the parallel head reads features: body lr.
+        scaled = g["name"].startswith("head") and head == "serial"
+        assert g["lr"] == g["base_lr"] == pytest.approx(0.001 if scaled else 0.1)
         assert g["weight_decay"] == (0.0 if g["name"].endswith("no_decay") else 5e-4)
         if g["name"].endswith("no_decay"):
             assert all(p.ndim == 1 for p in g["params"])
@@ -125,3 +127,28 @@ def test_invalid_construction():
         DistillStudent(backbone, nn.Linear(D, C), C, "serial")
     with pytest.raises(ValueError, match="10 outputs"):
         DistillStudent(backbone, classifier, 10, "serial")
+
+
+def test_serial_head_runs_in_fp32_under_bf16_autocast():
+    """A learned FC_TS a little off the identity (+0.2 % diagonal, 1e-3 off-diagonal) on logits ~10:
+    in bf16 (8 mantissa bits) those deviations round away and z_kd == z_cls; the head must run in
+    fp32 with autocast off, so z_kd matches the fp32 product of the (bf16) z_cls."""
+    backbone, classifier = tiny_backbone()
+    model = DistillStudent(backbone.float(), classifier, C, "serial").float()
+    with torch.no_grad():
+        classifier.weight.mul_(8.0)  # logits of magnitude ~10
+        model.head.weight.copy_(torch.eye(C) * 1.002 + 1e-3 * (1 - torch.eye(C)))
+    x = inputs().float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z_cls, z_kd = model(x)
+        naive = model.head(z_cls)  # the head as it ran before: in bf16 under autocast
+    assert z_cls.dtype == torch.bfloat16 and z_kd.dtype == torch.float32
+    assert 5 < float(z_cls.abs().max()) < 20
+    expected = z_cls.float() @ model.head.weight.T + model.head.bias
+    torch.testing.assert_close(z_kd, expected, rtol=1e-6, atol=1e-6)
+    # The deviation from the identity survives: z_kd - z_cls is the head's learned part.
+    learned = z_cls.float() @ (model.head.weight - torch.eye(C)).T
+    torch.testing.assert_close(z_kd - z_cls.float(), learned, rtol=1e-4, atol=1e-5)
+    assert float(learned.detach().abs().max()) > 0.01
+    # In bf16 the rounding error is as large as the whole learned part: that is what was lost.
+    assert float((naive.float() - expected).abs().max()) > 0.25 * float(learned.abs().max())

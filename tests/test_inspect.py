@@ -45,7 +45,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with torch.no_grad():  # spread p_t over (0, 1) instead of a near-uniform random teacher
         teacher.fc.weight.mul_(30.0)
     teacher_path = root / "teacher.safetensors"
-    save_model(teacher, teacher_path, {"arch": "digits_cnn", "num_classes": 10, "in_channels": 1})
+    save_model(teacher, teacher_path, {"arch": "digits_cnn", "num_classes": 10, "in_channels": 1, "recipe": "digits"})
     store = root / "digits.zarr"
     build_cache(manifest_path=manifest, shards_dir=shards, teacher_path=teacher_path, store_path=store,
                 cfg=CacheConfig(), aug=AugmentConfig(views=VIEWS), progress=False)

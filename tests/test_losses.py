@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import LOSS_NAMES, LossConfig
+from pipeline.loss_terms import dist_terms
 from pipeline.losses import (
     LOSSES,
     aekt_loss,
@@ -15,6 +16,7 @@ from pipeline.losses import (
     dist_loss,
     dkd_loss,
     kd_loss,
+    loss_warmup,
     nkd_loss,
     warmup_factor,
 )
@@ -64,7 +66,7 @@ def test_compute_loss_terms(name):
         "kd": lambda: 0.9 * kd_loss(s, t, tau=cfg.tau),
         "dkd": lambda: dkd_loss(s, t, y, alpha=cfg.alpha, beta=cfg.beta, tau=cfg.tau),
         "nkd": lambda: nkd_loss(s, t, y, gamma=cfg.gamma, tau=cfg.tau),
-        "dist": lambda: dist_loss(s, t, beta=cfg.beta, gamma=cfg.gamma, tau=cfg.tau),
+        "dist": lambda: dist_loss(s, t, beta=cfg.dist_beta, gamma=cfg.dist_gamma, tau=cfg.tau),
         "aekt": lambda: aekt_sum(s, t, y, tau=cfg.tau, alpha=cfg.alpha, beta=cfg.beta),
     }[name]()
     torch.testing.assert_close(out.total, out.terms["ce"] + distill)
@@ -115,12 +117,16 @@ def test_unknown_loss_name_lists_valid_names():
 
 @pytest.mark.parametrize("overrides,expected", [
     (dict(name="ce"), "1·ce"),
-    (dict(name="kd", ce_weight=0.1, kd_weight=0.9), "0.1·ce + 0.5·(0.9·kd) [τ=4, head=serial]"),
+    # Baselines build no head, whatever loss.head says: the log must not claim one.
+    (dict(name="kd", ce_weight=0.1, kd_weight=0.9), "0.1·ce + 0.5·(0.9·kd) [τ=4, head=none]"),
     (dict(name="dkd", head="none"), "1·ce + 0.5·(1·tckd + 8·nckd) [τ=4, head=none]"),
     (dict(name="aekt"), "1·ce + 0.5·(1·w·tckd + 8·nckd) [τ=4, w=clip(sg(p_t^T/p_t^S), 0, 10), head=serial]"),
     (dict(name="aekt", adaptive="none", explicit="nkd", head="parallel"),
      "1·ce + 0.5·(1·nkd_target + 8·nckd) [τ=4, head=parallel]"),
-    (dict(name="dist", beta=2.0, gamma=2.0), "1·ce + 0.5·(2·dist_inter + 2·dist_intra) [τ=4, head=serial]"),
+    # DIST's own weights (published 2 / 2), not DKD's beta = 8 or NKD's gamma.
+    (dict(name="dist"), "1·ce + 0.5·(2·dist_inter + 2·dist_intra) [τ=4, head=none]"),
+    (dict(name="dist", beta=8.0, gamma=5.0, dist_beta=1.0),
+     "1·ce + 0.5·(1·dist_inter + 2·dist_intra) [τ=4, head=none]"),
 ])
 def test_describe_loss(overrides, expected):
     assert describe_loss(LossConfig(**overrides), 0.5) == expected
@@ -201,3 +207,36 @@ def test_compiled_loss_keeps_input_errors():
     with pytest.raises(ValueError, match="needs teacher logits"):
         compute_loss(cfg, z_cls=torch.zeros(4, 3), z_kd=torch.zeros(4, 3), teacher_logits=None,
                      targets=torch.zeros(4, dtype=torch.long), warmup=1.0, terms_fn=compiled_loss_terms(cfg))
+
+
+def test_dist_uses_its_own_weights_not_dkds_beta():
+    s, t, y = make(0)
+    base = LossConfig(name="dist")
+    terms = compute_loss(base, z_cls=s, z_kd=s, teacher_logits=t, targets=y, warmup=1.0).terms
+    expected = dist_terms(s, t, beta=2.0, gamma=2.0, tau=4.0)
+    for key in ("dist_inter", "dist_intra"):
+        torch.testing.assert_close(terms[key], expected[key])
+    # beta / gamma belong to DKD-AEKT / NKD: changing them leaves DIST unchanged.
+    other = compute_loss(LossConfig(name="dist", beta=8.0, gamma=7.0), z_cls=s, z_kd=s, teacher_logits=t,
+                         targets=y, warmup=1.0).terms
+    assert all(torch.equal(terms[k], other[k]) for k in terms)
+
+
+@pytest.mark.parametrize("name,ramped", [("ce", False), ("kd", False), ("nkd", False), ("dist", False),
+                                         ("dkd", True), ("aekt", True)])
+def test_warmup_applies_only_to_the_losses_whose_recipe_has_one(name, ramped):
+    cfg = LossConfig(name=name, warmup_epochs=4)
+    assert loss_warmup(cfg, 1) == (0.25 if ramped else 1.0)
+    assert loss_warmup(cfg, 4) == 1.0
+    # Explicit per loss: a KD run with a warm-up asks for it by name.
+    assert loss_warmup(LossConfig(name=name, warmup_epochs=4, warmup_losses=(name,)), 1) == (
+        1.0 if name == "ce" else 0.25)
+    assert loss_warmup(LossConfig(name=name, warmup_epochs=0), 1) == 1.0
+
+
+def test_warmup_losses_are_validated():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.warmup_losses: 'dkdd' is not one of"):
+        LossConfig.from_params({"warmup_losses": ["kd", "dkdd"]})
+    assert LossConfig.from_params({"warmup_losses": []}).warmup_losses == ()

@@ -157,3 +157,17 @@ def test_student_with_compiled_loss_trains_and_probes(tiny_pipeline: Path, tmp_p
     for key in ("loss_explicit", "loss_implicit", "grad_explicit", "grad_implicit", "stat_w_mean"):
         assert float(row[key]) == float(row[key]) and float(row[key]) > 0, key  # finite, not NaN
     assert (work / "student.safetensors").exists()
+
+
+@pytest.mark.parametrize("name,expected", [("dkd", [0.5, 1.0, 1.0]), ("kd", [1.0, 1.0, 1.0])])
+def test_trainer_passes_one_based_epochs_to_the_warmup(tiny_pipeline: Path, tmp_path: Path, name: str,
+                                                       expected: list[float]) -> None:
+    """λ(e) = min(1, e / warmup_epochs) with e counted from 1: with a 2-epoch warm-up the first epoch
+    trains at 0.5 (a 0-based count would give 0, i.e. an epoch of plain CE), and KD, whose recipe
+    has no warm-up, trains at 1 from the start."""
+    work = copy_for_student(tiny_pipeline, tmp_path / "w")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["loss"].update(name=name, warmup_epochs=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run([sys.executable, "-m", "stages.cli", *STUDENT], work)
+    assert [float(r["stat_warmup"]) for r in history(work / "train.csv")] == expected

@@ -46,7 +46,8 @@ def expected_provenance(manifest: Manifest, teacher_card: dict[str, Any], cfg: C
     codec_params = {"k": cfg.topk} if cfg.codec == "topk" else {}
     return Provenance(
         dataset=manifest.dataset, manifest_sha256=manifest.sha256, teacher_arch=teacher_card["arch"],
-        teacher_sha256=teacher_card["sha256"], teacher_precision=cfg.mixed_precision, recipe=aug.recipe,
+        teacher_sha256=teacher_card["sha256"], teacher_precision=cfg.mixed_precision,
+        teacher_input_norm=augment.Normalization.from_card(teacher_card).to_dict(), recipe=aug.recipe,
         augment_seed=aug.seed,
         image_size=aug.size, views=aug.views, codec=cfg.codec, codec_params=codec_params,
         num_classes=manifest.num_classes, num_samples=split.num_samples,
@@ -105,7 +106,8 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
         if accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             teacher.to(memory_format=torch.channels_last)
-        written = write_items(store, source, teacher, mine, cfg, aug, device=accelerator.device,
+        written = write_items(store, source, teacher, mine, cfg, aug, norm=augment.Normalization.from_card(card),
+                              device=accelerator.device,
                               progress=progress and main)
         accelerator.wait_for_everyone()
     seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ class Provenance:
     teacher_arch: str
     teacher_sha256: str
     teacher_precision: str  # cache.mixed_precision: bf16/fp16 teacher logits differ from fp32 ones
+    teacher_input_norm: dict[str, Any]  # the teacher's own input normalisation (its card's), mean/std
     recipe: str
     augment_seed: int
     image_size: int

@@ -75,7 +75,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
         bad_params += [(int(view), int(indices[i]), keys[i], params[i].tolist(), expected[i].tolist())
                        for i in np.flatnonzero((params != expected).any(axis=1))]
         views = augment_views(prov.recipe, [images[i] for i in rows], params[rows], prov.image_size)
-        fresh = teacher_logits(teacher, views, prov.recipe, batch_size=cfg.batch_size,
+        fresh = teacher_logits(teacher, views, augment.Normalization.from_card(card), batch_size=cfg.batch_size,
                                device=torch.device("cpu"), mixed_precision="no")
         fresh_all.append(fresh)
         stored_all.append(stored[rows])

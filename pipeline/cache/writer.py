@@ -131,16 +131,17 @@ def open_or_create(path: Path, prov: Provenance, cfg: CacheConfig, *, rebuild: b
     return LogitStore.create(path, prov, compressor=cfg.compressor, clevel=cfg.clevel)
 
 
-def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, recipe: str, *, batch_size: int,
-                   device: torch.device, mixed_precision: str) -> np.ndarray:
-    """uint8 [n, C, H, W] -> float32 [n, classes], in batches that never cross a shard."""
+def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, norm: augment.Normalization, *,
+                   batch_size: int, device: torch.device, mixed_precision: str) -> np.ndarray:
+    """uint8 [n, C, H, W] -> float32 [n, classes], in batches that never cross a shard; ``norm`` is
+    the teacher's own input normalisation (its card's)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     out = []
     with torch.inference_mode(), autocast:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True)
-            x = augment.normalize(batch, recipe)
+            x = norm(batch)
             if x.is_cuda:  # channels_last: convolutions on tensor cores without transposes
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(teacher(x).float().cpu())
@@ -166,7 +167,7 @@ def _finish_item(store: LogitStore, item: dict, logits: np.ndarray) -> None:
 
 def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module,
                 items: list[tuple[int, int]], cfg: CacheConfig, aug: AugmentConfig, *,
-                device: torch.device, progress: bool = True) -> int:
+                norm: augment.Normalization, device: torch.device, progress: bool = True) -> int:
     """Compute and write ``items``; encoding + writing runs on a thread, off the teacher's path."""
     loader = DataLoader(_ViewItems(source, items, aug), batch_size=None, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
@@ -176,7 +177,7 @@ def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module
         for item in tqdm(loader, total=len(items), disable=not progress, desc="cache", unit="shard"):
             # The DataLoader turns numpy arrays into tensors; the store wants numpy.
             item["params"], item["labels"] = np.asarray(item["params"]), np.asarray(item["labels"])
-            logits = teacher_logits(teacher, item["images"], aug.recipe, batch_size=cfg.batch_size,
+            logits = teacher_logits(teacher, item["images"], norm, batch_size=cfg.batch_size,
                                     device=device, mixed_precision=cfg.mixed_precision)
             pending.append(writer.submit(_finish_item, store, item, logits))
             # Surface write errors early and bound memory to a couple of items in flight.

@@ -13,10 +13,21 @@ from typing import Literal
 import torchvision
 from torch import nn
 
+from pipeline.augment import Normalization
 from pipeline.config import ConfigError
-from pipeline.models import cifar_resnet, digits, mobilenetv2, shufflenet, vgg, wrn
+from pipeline.models import cifar_resnet, cifar_resnet_a, digits, mobilenetv2, shufflenet, vgg, wrn
 
-__all__ = ["ARCH_ATTR", "MODEL_NAMES", "build_model", "check_arch", "classifier_of", "count_parameters", "model_family"]
+__all__ = [
+    "ARCH_ATTR",
+    "MODEL_NAMES",
+    "build_model",
+    "check_arch",
+    "classifier_of",
+    "count_parameters",
+    "input_stats",
+    "model_family",
+    "model_normalization",
+]
 
 Family = Literal["digits", "cifar", "imagenet"]
 
@@ -31,6 +42,12 @@ _CIFAR: dict[str, Callable[[int], nn.Module]] = {
     "resnet110": cifar_resnet.resnet110,
     "resnet8x4": cifar_resnet.resnet8x4,
     "resnet32x4": cifar_resnet.resnet32x4,
+    # Option-A (parameter-free shortcut) ResNets of the published CIFAR-10 weights; see cifar_resnet_a.
+    "resnet20_a": cifar_resnet_a.resnet20_a,
+    "resnet32_a": cifar_resnet_a.resnet32_a,
+    "resnet44_a": cifar_resnet_a.resnet44_a,
+    "resnet56_a": cifar_resnet_a.resnet56_a,
+    "resnet110_a": cifar_resnet_a.resnet110_a,
     "wrn_16_1": wrn.wrn_16_1,
     "wrn_16_2": wrn.wrn_16_2,
     "wrn_40_1": wrn.wrn_40_1,
@@ -41,6 +58,12 @@ _CIFAR: dict[str, Callable[[int], nn.Module]] = {
     "MobileNetV2": mobilenetv2.mobilenetv2,
     "ShuffleV1": shufflenet.shufflenet_v1,
     "ShuffleV2": shufflenet.shufflenet_v2,
+}
+
+# Architectures whose weights come with their own input statistics (mean, std); every other model is
+# trained here and normalises with its recipe's dataset statistics.
+_INPUT_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    name: cifar_resnet_a.INPUT_STATS for name in ("resnet20_a", "resnet32_a", "resnet44_a", "resnet56_a", "resnet110_a")
 }
 
 # torchvision architectures, always built untrained (weights=None): machines are offline, and
@@ -97,6 +120,19 @@ def model_family(name: str) -> Family:
     if name in _IMAGENET:
         return "imagenet"
     raise _unknown_name_error(name)
+
+
+def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) ``name``'s published weights expect, or None when the model uses its recipe's."""
+    model_family(name)  # unknown names raise
+    return _INPUT_STATS.get(name)
+
+
+def model_normalization(name: str, recipe: str) -> Normalization:
+    """The input normalisation model ``name`` is fed with under augmentation ``recipe``: its published
+    weights' statistics where it has them (the option-A ResNets), else the recipe's dataset statistics."""
+    stats = input_stats(name)
+    return Normalization.of_recipe(recipe) if stats is None else Normalization(*stats)
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> nn.Module:
