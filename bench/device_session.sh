@@ -6,7 +6,7 @@
 #   part1  carry .whl (zarr, numcodecs, webdataset and their needs, which the machine lacks) and
 #          .gpudata/{test.tar,train.part1,smoke}: installs the wheels into /tmp/site, keeps the
 #          data in /tmp/c10, checks the versions, and runs the tiny CUDA smoke run of
-#          bench/cifar10_gpu.py on a real 20-images-per-class slice (every stage on the GPU).
+#          experiments/cifar10_gpu.py on a real 20-images-per-class slice (every stage on the GPU).
 #   part2  carry .gpudata/train.part2: joins train.tar, checks its sha256 (TRAIN_SHA) and runs the
 #          full-set run sized to BUDGET seconds, killed (SIGTERM, JSON kept) at LIMIT seconds.
 #
@@ -28,7 +28,7 @@ case "${1:-}" in
     python3 -c "import torch, torchvision, zarr, numcodecs, webdataset, accelerate, safetensors
 print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'zarr', zarr.__version__,
       'accelerate', accelerate.__version__, torch.cuda.get_device_name(), 'cpus', __import__('os').cpu_count())" || exit 1
-    timeout -s TERM 150 python3 -m bench.cifar10_gpu --tiny --data-root .gpudata/smoke --losses aekt \
+    timeout -s TERM 150 python3 -m experiments.cifar10_gpu --tiny --data-root .gpudata/smoke --losses aekt \
       --budget-s 60 --teacher-epochs 1 --student-epochs 2 --work-dir /tmp/smoke --out-dir "$OUT" \
       --results-md /tmp/smoke.md
     rc=$?
@@ -38,7 +38,7 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'zarr'
     cat /tmp/c10/train.part1 .gpudata/train.part2 > /tmp/c10/train.tar || exit 1
     echo "${TRAIN_SHA:?}  /tmp/c10/train.tar" | sha256sum -c || exit 1
     rm -f /tmp/c10/train.part1
-    timeout -s TERM "${LIMIT:?}" python3 -m bench.cifar10_gpu --data-root /tmp/c10 --budget-s "${BUDGET:?}" \
+    timeout -s TERM "${LIMIT:?}" python3 -m experiments.cifar10_gpu --data-root /tmp/c10 --budget-s "${BUDGET:?}" \
       --teacher-epochs 30 --student-epochs 15 --work-dir /tmp/run --out-dir "$OUT" \
       --results-md "$OUT/results-cifar10.md"
     rc=$?

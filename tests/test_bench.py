@@ -147,9 +147,9 @@ def test_cli_lists_the_same_benchmarks_as_the_package() -> None:
 
 
 def test_fit_epochs_sizes_runs_to_the_budget() -> None:
-    """bench/cifar10_gpu --budget-s: the most epochs whose estimated runs fit, never past the cap,
+    """experiments/cifar10_gpu --budget-s: the most epochs whose estimated runs fit, never past the cap,
     at least one; the estimate scales the measured overhead with the epochs (errs long)."""
-    from bench.cifar10_gpu import fit_epochs
+    from experiments.cifar10_gpu import fit_epochs
 
     # 4 runs, 5 s per epoch, 12 s overhead measured over 3 epochs: E=5 costs 4 * (25 + 20) = 180.
     assert fit_epochs(180.0, 4, 5.0, 12.0, 3, 15) == 5
@@ -163,7 +163,7 @@ def test_fit_epochs_sizes_runs_to_the_budget() -> None:
 def test_cifar10_report_states_what_a_run_shows(tmp_path: Path) -> None:
     """The rendered page says when the teacher is weaker than CE (so the losses are not compared)
     and gives the cached-vs-CE and cached-vs-online ratios from the run's own numbers."""
-    from bench.cifar10_report import findings, render
+    from experiments.cifar10_report import findings, render
 
     result = json.loads((Path(__file__).parents[1] / "bench/results/cifar10-cuda.json").read_text())
     text = "\n".join(findings(result))

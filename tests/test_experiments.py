@@ -1,4 +1,4 @@
-"""Smoke test of bench/experiments.py: `--quick` end to end into tmp_path, checking the outputs'
+"""Smoke test of experiments/run.py: `--quick` end to end into tmp_path, checking the outputs'
 structure (not the accuracies, which mean nothing after 2 epochs on ~100 samples)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import experiments
+from experiments import run as experiments
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,28 @@ def test_quick_report_files(quick_run: Path) -> None:
         assert f"| {method} |" in doc
     assert "results.png" in doc and "optimistic" in doc
     assert (quick_run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_modules_import_one_way() -> None:
+    """No import circle inside experiments/, and bench/ (benchmarks only) never imports experiments/."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    graph: dict[str, set[str]] = {}
+    for package in ("experiments", "bench"):
+        for path in (root / package).glob("*.py"):
+            names: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                elif isinstance(node, ast.Import):
+                    names |= {a.name for a in node.names}
+            graph[f"{package}.{path.stem}"] = names
+    edges = {m: {n for n in names if n in graph and n != m} for m, names in graph.items()}
+    assert not [m for m in edges if m.startswith("bench.") and any(n.startswith("experiments.") for n in edges[m])]
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in edges[start])
+
+    assert [m for m in edges if reaches(m, m, set())] == []
+    assert "experiments.stats" in edges["experiments.markdown"]  # the circle this replaced

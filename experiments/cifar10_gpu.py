@@ -9,11 +9,11 @@ short by a time limit still leaves what it measured. docs/results-cifar10.md is 
 JSON files of every run (``render``), GPU runs first, CPU runs labelled as such. Order: stage 1,
 then the cached-vs-online timing, then the four losses, so the speed ratio survives a cut. Usage::
 
-    python -m bench.cifar10_gpu                        # GPU: full CIFAR-10, bf16, 12 workers
-    python -m bench.cifar10_gpu --tiny                 # CPU smoke run: 20 img/class, 1-2 epochs
-    python -m bench.cifar10_gpu --preset presets/cifar10-cpu.yaml --losses aekt --tag cifar10-cpu-reduced
-    python -m bench.cifar10_gpu --render-only          # re-render docs/results-cifar10.md from the JSONs
-    python -m bench.cifar10_gpu --budget-s 500 --teacher-epochs 30 --student-epochs 15   # sized to a budget
+    python -m experiments.cifar10_gpu                        # GPU: full CIFAR-10, bf16, 12 workers
+    python -m experiments.cifar10_gpu --tiny                 # CPU smoke run: 20 img/class, 1-2 epochs
+    python -m experiments.cifar10_gpu --preset presets/cifar10-cpu.yaml --losses aekt --tag cifar10-cpu-reduced
+    python -m experiments.cifar10_gpu --render-only          # re-render docs/results-cifar10.md from the JSONs
+    python -m experiments.cifar10_gpu --budget-s 500 --teacher-epochs 30 --student-epochs 15   # sized to a budget
 
 With ``--budget-s`` the epoch counts are caps and the schedule is sized to the wall-clock budget
 from measurements of this run: a one-epoch teacher probe sets the teacher's epochs (a
@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import yaml
 
-from bench.cifar10_report import render, summary_text
 from bench.common import RESULTS_DIR, git_state, machine_info, modified_files
+from experiments.cifar10_report import render, summary_text
 from pipeline.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kind=("gpu" if args.device == "cuda" else "cpu") + ("-smoke" if args.tiny else ""),
         machine=machine_info(torch.device(args.device)),
         preset=str(preset.relative_to(REPO)) if preset.is_relative_to(REPO) else str(preset),
-        command=" ".join(["python -m bench.cifar10_gpu", *(sys.argv[1:] if args.argv is None else args.argv)]),
+        command=" ".join(["python -m experiments.cifar10_gpu", *(sys.argv[1:] if args.argv is None else args.argv)]),
         settings={"precision": args.precision, "cache_precision": base["cache"]["mixed_precision"],
                   "workers": args.workers, "threads": args.threads, "teacher": arch,
                   "student": base["student"]["arch"], "views": base["augment"]["views"],

@@ -1,4 +1,4 @@
-"""Analysis for ``bench.experiments``: per-term gradient probe, paired statistics, plot, and the files.
+"""Analysis for ``experiments.run``: per-term gradient probe, paired statistics, plot, and the files.
 
 Seeds are paired: train.seed fixes the student's initialisation and the data order, and both are the
 same for every method (the serial head starts at the identity), so a method's per-seed difference
@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from scipy import stats
 from torch.utils.data import DataLoader
 
+from experiments.markdown import render, render_cifar
+from experiments.stats import analyse
 from pipeline import augment
 from pipeline.config import LossConfig, section
 from pipeline.data import Manifest
@@ -34,11 +35,7 @@ from pipeline.stream import ShardStream, StreamSpec
 from pipeline.student import build_student
 
 PACKAGES = ("torch", "numpy", "scipy", "accelerate", "zarr", "webdataset", "dvc", "matplotlib")
-REFERENCE = "dkd"
 # (a, b): report a − b per seed. Chosen before the run: the issue's question and each AEKT switch.
-PAIRS = (("kd", "ce"), ("dkd", "kd"), ("aekt", "kd"), ("aekt", "ce"), ("aekt", "aekt_adaptive_none"),
-         ("aekt", "aekt_explicit_nkd"), ("aekt", "aekt_head_parallel"), ("aekt", "aekt_head_none"),
-         ("aekt_head_none", "dkd_alpha_mean_w"), ("aekt_adaptive_none", "aekt_adaptive_none_head_none"))
 
 
 def children_cpu_s() -> float:
@@ -130,81 +127,6 @@ def gradient_probe(stage1: dict[str, Any], params: dict[str, Any], cells: list[d
     return result
 
 
-def by_method(cells: list[dict[str, Any]], key: str) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
-    for cell in cells:
-        out.setdefault(cell["method"], {})[cell["seed"]] = 100.0 * cell[key]
-    return out
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
-    """a − b over the seeds both have: mean, 95% t-interval, t-test and sign-test p."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    d = np.array([a[s] - b[s] for s in seeds])
-    n, mean = len(d), float(d.mean())
-    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
-    t_p = float(stats.ttest_1samp(d, 0.0).pvalue) if n > 1 and sd > 0 else (1.0 if n > 1 else float("nan"))
-    wins, losses = int((d > 0).sum()), int((d < 0).sum())
-    sign_p = float(stats.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
-    return {"n": n, "diffs": d.tolist(), "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],
-            "t_p": t_p, "wins": wins, "losses": losses, "ties": n - wins - losses, "sign_p": sign_p}
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm step-down adjusted p-values (NaN stays NaN)."""
-    order = sorted(range(len(pvalues)), key=lambda i: (np.isnan(pvalues[i]), pvalues[i]))
-    adjusted, running, m = [float("nan")] * len(pvalues), 0.0, sum(not np.isnan(p) for p in pvalues)
-    for rank, i in enumerate(order):
-        if not np.isnan(pvalues[i]):
-            running = max(running, min(1.0, (m - rank) * pvalues[i]))
-            adjusted[i] = running
-    return adjusted
-
-
-def analyse(payload: dict[str, Any]) -> dict[str, Any]:
-    final, best = by_method(payload["cells"], "final_top1"), by_method(payload["cells"], "best_top1")
-    summary = {m: {"n": len(v), "final_mean": float(np.mean(list(v.values()))),
-                   "final_std": float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else float("nan"),
-                   "best_mean": float(np.mean(list(best[m].values()))),
-                   "best_std": float(np.std(list(best[m].values()), ddof=1)) if len(v) > 1 else float("nan"),
-                   "final": v, "best": best[m]} for m, v in final.items()}
-    vs_ref = {m: paired(final[m], final[REFERENCE]) for m in final if m != REFERENCE and REFERENCE in final}
-    vs_ref = {m: r for m, r in vs_ref.items() if r}
-    for r, p in zip(vs_ref.values(), holm([r["t_p"] for r in vs_ref.values()]), strict=True):
-        r["t_p_holm"] = p
-    pairs = {f"{a} − {b}": paired(final[a], final[b]) for a, b in PAIRS if a in final and b in final}
-    return {"summary": summary, "vs_reference": vs_ref, "pairs": {k: v for k, v in pairs.items() if v}}
-
-
-def describe(loss: dict[str, Any]) -> str:
-    """The cell's loss settings in one line (what differs between methods, plus τ)."""
-    name, tau = loss["name"], f"τ={loss['tau']:g}"
-    text = {"ce": "CE only",
-            "kd": f"{loss['ce_weight']:g}·CE + {loss['kd_weight']:g}·KD, {tau}",
-            "dkd": f"CE + {loss['alpha']:g}·TCKD + {loss['beta']:g}·NCKD, {tau}",
-            "nkd": f"CE + NKD (γ={loss['gamma']:g}), {tau}",
-            "dist": f"CE + DIST (β={loss['beta']:g}, γ={loss['gamma']:g}), {tau}",
-            "aekt": f"CE + {loss['alpha']:g}·{'w·' if loss['adaptive'] == 'ratio' else ''}"
-                    f"{'TCKD' if loss['explicit'] == 'binary_kl' else 'NKD-target'} + {loss['beta']:g}·NCKD, "
-                    f"{tau}, head={loss['head']}"}[name]
-    return text + (f", warm-up {loss['warmup_epochs']:g} ep" if name != "ce" else "")
-
-
-def beyond_noise(r: dict[str, Any]) -> bool:
-    lo, hi = r["ci95"]
-    return bool(not np.isnan(lo) and (lo > 0 or hi < 0))
-
-
-def set_flags(overrides: dict[str, dict[str, Any]], present: dict[str, Any] | None = None) -> str:
-    """`dvc exp run -S` flags; a key that ``present`` (params.yaml) lacks, e.g. one a recipe sets,
-    needs a leading "+" to be added."""
-    return " ".join(f"-S {'+' if present is not None and k not in present.get(s, {}) else ''}{s}.{k}={v}"
-                    for s, values in overrides.items() for k, v in values.items())
-
-
 def write_all(payload: dict[str, Any], *, json_path: Path, doc_path: Path, plot_path: Path) -> None:
     """JSON + plot for this run; the doc from the digits JSON plus, if there is one, the CIFAR-10 JSON
     beside it (a CIFAR-only run re-renders the doc with the digits results already on disk)."""
@@ -218,8 +140,6 @@ def write_all(payload: dict[str, Any], *, json_path: Path, doc_path: Path, plot_
         sibling = json_path.with_name(f"experiments-{name}.json")
         if name not in runs and payload["kind"] == "full" and sibling.exists():
             runs[name] = json.loads(sibling.read_text())
-    from bench.experiments_markdown import render, render_cifar
-
     text = render(runs["digits"], doc_path=doc_path) if "digits" in runs else "# Results\n"
     if "cifar10" in runs:
         text += "\n" + render_cifar(runs["cifar10"], doc_path=doc_path)

@@ -1,13 +1,13 @@
 """Issue 11: does AEKT beat KD and DKD here? Every method × seeds from ONE teacher-logit cache.
 
-    python -m bench.experiments                      # digits, 5 seeds, 40 epochs -> docs/results.md
-    python -m bench.experiments --quick --workdir W  # 1 seed, 2 epochs, 4 methods: a smoke run
+    python -m experiments.run                      # digits, 5 seeds, 40 epochs -> docs/results.md
+    python -m experiments.run --quick --workdir W  # 1 seed, 2 epochs, 4 methods: a smoke run
 
 Stage 1 (prepare, teacher, cache) runs once, in-process through the same library functions the
 `aekt` stages call, in ``--workdir``; every student cell then calls ``train_student`` on that one
 store. Cells run seed-major (all methods for seed 0, then seed 1, ...) so a cut-short run still has
 paired seeds. Nothing is tuned: every value is params.yaml's default or a published recipe. The
-report (tables, statistics, plot) is written by ``bench.experiments_report`` from the JSON alone.
+report (tables, statistics, plot) is written by ``experiments.report`` from the JSON alone.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench import experiments_report as report
+from experiments import report
 from pipeline.cache.build import build_cache
 from pipeline.config import LossConfig, TrainConfig, load_params, section
 from pipeline.data import Manifest, prepare
@@ -47,7 +47,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "kd_ce1_kd1": ("baseline", {"name": "kd", "ce_weight": 1.0, "kd_weight": 1.0}),
     "dkd": ("baseline", {"name": "dkd"}),  # alpha 1, beta 8, tau 4 (params.yaml)
     "nkd": ("baseline", {"name": "nkd"}),  # gamma 1, tau 4 (params.yaml, not tuned)
-    "dist": ("baseline", {"name": "dist", "beta": 2.0, "gamma": 2.0}),  # DIST's CIFAR setting
+    "dist": ("baseline", {"name": "dist"}),  # dist_beta 2, dist_gamma 2: DIST's CIFAR setting (params.yaml)
     "aekt": ("aekt", {"name": "aekt"}),  # adaptive ratio, explicit binary_kl, head serial
     "aekt_adaptive_none": ("ablation", {"name": "aekt", "adaptive": "none"}),  # = DKD + serial head
     "aekt_explicit_nkd": ("ablation", {"name": "aekt", "explicit": "nkd"}),
@@ -172,7 +172,7 @@ def dvc_exp_check(work: Path, overrides: dict[str, dict[str, Any]], seed: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny data, 2 epochs, 4 methods")
     parser.add_argument("--seeds", type=int, default=None, help="train.seed 0..N-1 (default 5; quick 1)")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: recipe)")
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir = args.workdir or Path(f"/tmp/aekt-experiments-{args.dataset}")
     args.json = args.json or REPO / f"bench/results/experiments-{args.dataset}.json"
-    # Named after data.name (digits, cifar10-tiny): docs/results-cifar10.* belong to bench/cifar10_gpu.py.
+    # Named after data.name (digits, cifar10-tiny): docs/results-cifar10.* belong to experiments/cifar10_gpu.py.
     plot_for = lambda params: args.plot or REPO / f"docs/results-{params['data']['name']}.png"  # noqa: E731
     if args.report_only:
         payload = json.loads(args.json.read_text())
