@@ -9,6 +9,10 @@
 #          experiments/cifar10_gpu.py on a real 20-images-per-class slice (every stage on the GPU).
 #   part2  carry .gpudata/train.part2: joins train.tar, checks its sha256 (TRAIN_SHA) and runs the
 #          full-set run sized to BUDGET seconds, killed (SIGTERM, JSON kept) at LIMIT seconds.
+#   r56    instead of part2, the real-data protocol (issue 19): carry .gpudata/train.part2 and
+#          .gpudata/resnet56-4bfd9763.th (the published weights, 3.4 MB); joins and checks train.tar
+#          like part2 and runs `experiments.cifar10_gpu --protocol r56` (imported resnet56 fine-tuned,
+#          10 views, 3 seeds x 5 methods) sized to BUDGET (default 480 s), killed at LIMIT.
 #
 # Results come back through $OUT: the run's JSON, the rendered results page and a tarball of the
 # stage logs, metrics and per-epoch CSVs. AEKT_GIT_COMMIT / AEKT_GIT_CLEAN name the commit measured
@@ -44,5 +48,15 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'zarr'
     rc=$?
     tar czf "$OUT/run-logs.tgz" -C /tmp/run logs metrics plots
     exit $rc ;;
-  *) echo "usage: bench/device_session.sh part1|part2" >&2; exit 2 ;;
+  r56)
+    cat /tmp/c10/train.part1 .gpudata/train.part2 > /tmp/c10/train.tar || exit 1
+    echo "${TRAIN_SHA:?}  /tmp/c10/train.tar" | sha256sum -c || exit 1
+    rm -f /tmp/c10/train.part1
+    timeout -s TERM "${LIMIT:?}" python3 -m experiments.cifar10_gpu --protocol r56 --data-root /tmp/c10 \
+      --teacher-checkpoint .gpudata/resnet56-4bfd9763.th --budget-s "${BUDGET:-480}" --work-dir /tmp/run \
+      --out-dir "$OUT" --results-md "$OUT/results-cifar10.md"
+    rc=$?
+    tar czf "$OUT/run-logs.tgz" -C /tmp/run logs metrics plots
+    exit $rc ;;
+  *) echo "usage: bench/device_session.sh part1|part2|r56" >&2; exit 2 ;;
 esac

@@ -46,7 +46,7 @@ from pipeline.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO / "docs" / "results-cifar10.md"
-LOSSES = ("ce", "kd", "dkd", "aekt")
+LOSSES = ("ce", "kd", "dkd", "aekt", "aekt_head_none")
 RENDER_RESERVE_S = 15.0  # what --budget-s keeps back for the last save and the page render
 # Per-loss settings on top of the preset's `loss` section (docs/aekt.md, CIFAR rows): KD is the
 # Hinton recipe (CE 0.1 + KD 0.9, no warm-up); DKD and AEKT keep tau 4, alpha 1, beta 8, warm-up.
@@ -55,7 +55,12 @@ LOSS_OVERRIDES: dict[str, dict[str, Any]] = {
     "kd": {"name": "kd", "ce_weight": 0.1, "kd_weight": 0.9, "warmup_epochs": 0},
     "dkd": {"name": "dkd"},
     "aekt": {"name": "aekt"},
+    "aekt_head_none": {"name": "aekt", "head": "none"},  # the head ablation
 }
+# --protocol r56: the real-data experiment (experiments/cifar10_real.py) at GPU scale: the published
+# resnet56 imported and fine-tuned, >= 10 views, 3 seeds x 5 methods, sized to an 8-minute budget.
+PROTOCOL_R56 = {"preset": REPO / "presets" / "cifar10-resnet56.yaml", "losses": list(LOSSES), "seeds": 3,
+                "views": 10, "teacher_epochs": 2, "student_epochs": 30, "budget_s": 480.0, "teacher_share": 0.15}
 # --tiny: enough to run every step on a CPU in a few minutes (it proves the script, not a result).
 TINY = {"max_per_class": 20, "shard_size": 25, "teacher_epochs": 1, "student_epochs": 1,
         "timing_epochs": 2, "timing_rounds": 1}
@@ -75,7 +80,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student-epochs", type=int, default=None, help="default 8 per loss")
     p.add_argument("--timing-epochs", type=int, default=None, help="epochs per cached/online run (default 3)")
     p.add_argument("--timing-rounds", type=int, default=None, help="ABBA rounds of cached/online (default 1)")
-    p.add_argument("--losses", default=",".join(LOSSES), help=f"comma list from {LOSSES}")
+    p.add_argument("--losses", default=None, help=f"comma list from {LOSSES} (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="train.seed 0..N-1 per loss (default 1)")
+    p.add_argument("--views", type=int, default=None,
+                   help="cached views (default: the longest student run's epochs, so none is reused)")
+    p.add_argument("--teacher-checkpoint", type=Path, default=None,
+                   help="teacher.checkpoint to import (default: the preset's, from the repo root)")
+    p.add_argument("--protocol", choices=("r56",), default=None,
+                   help="the real-data GPU protocol, preset presets/cifar10-resnet56.yaml and "
+                        + ", ".join(f"{k}={v}" for k, v in PROTOCOL_R56.items() if k != "preset")
+                        + " (explicit flags win)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="size the teacher and student epochs (then caps) to this many wall seconds")
     p.add_argument("--teacher-share", type=float, default=0.3, help="share of --budget-s for the teacher")
@@ -89,15 +103,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="rendered from every cifar10-*.json")
     p.add_argument("--render-only", action="store_true", help="only re-render --results-md from the JSONs")
     args = p.parse_args(argv)
+    if args.protocol == "r56":
+        for key, value in PROTOCOL_R56.items():
+            if key == "preset" and args.preset == p.get_default("preset") or \
+                    key != "preset" and getattr(args, key) in (None, p.get_default(key)):
+                setattr(args, key, value)
     defaults = TINY if args.tiny else {"teacher_epochs": 12, "student_epochs": 8, "timing_epochs": 3,
                                        "timing_rounds": 1}
+    defaults = {**defaults, "seeds": 1, "losses": ",".join(LOSSES)}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.device = "cuda" if cuda else "cpu"
-    args.tag = args.tag or f"cifar10-{args.device}" + ("-smoke" if args.tiny else "")
+    args.tag = args.tag or f"cifar10-{'r56-' if args.protocol else ''}{args.device}" + ("-smoke" if args.tiny else "")
     args.work_dir = args.work_dir or REPO / "runs" / f"bench-{args.tag}"
-    args.losses = [name for name in args.losses.split(",") if name]
+    if isinstance(args.losses, str):
+        args.losses = [name for name in args.losses.split(",") if name]
     unknown = sorted(set(args.losses) - set(LOSSES))
     if unknown:
         p.error(f"--losses: unknown {unknown}; choose from {LOSSES}")
@@ -113,12 +134,16 @@ def base_params(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"{root}: train.tar and test.tar not found; pass --data-root to the folder "
                          "that holds them (../shared/data/cifar10-images from the repository root).")
     data.update(root=str(root), workers=args.workers)
+    if args.teacher_checkpoint is not None:
+        teacher["checkpoint"] = str(args.teacher_checkpoint.resolve())
+    elif teacher.get("checkpoint"):
+        teacher["checkpoint"] = str((REPO / teacher["checkpoint"]).resolve())
     if args.max_per_class is not None:
         data["max_per_class"] = args.max_per_class
     if args.shard_size is not None:
         data["shard_size"] = args.shard_size
     # As many cached views as the longest student run has epochs: no view is reused (cycle).
-    params["augment"]["views"] = max(args.student_epochs, args.timing_epochs)
+    params["augment"]["views"] = args.views or max(args.student_epochs, args.timing_epochs)
     teacher.update(epochs=args.teacher_epochs, workers=args.workers, mixed_precision=args.precision)
     params["cache"]["workers"] = args.workers
     # Keep the preset's warm-up share of the schedule (20 of 240 epochs in the AEKT recipe).
@@ -130,12 +155,15 @@ def base_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def student_params(base: dict[str, Any], args: argparse.Namespace, loss: str, epochs: int) -> dict[str, Any]:
+def student_params(base: dict[str, Any], args: argparse.Namespace, loss: str, epochs: int,
+                   seed: int | None = None) -> dict[str, Any]:
     """``base`` with one loss's settings and ``epochs`` student epochs (warm-up scaled with them)."""
     params = json.loads(json.dumps(base))
     params["loss"].update(LOSS_OVERRIDES[loss])
     params["loss"]["warmup_epochs"] = round(args.warmup_share * epochs, 2)
     params["train"]["epochs"] = epochs
+    if seed is not None:
+        params["train"]["seed"] = seed
     return params
 
 
@@ -267,7 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   # The trainer and stage 1 switch to channels_last and cudnn.benchmark on CUDA by
                   # themselves (pipeline/train.py, pipeline/cache/build.py).
                   "channels_last": args.device == "cuda", "cudnn_benchmark": args.device == "cuda",
-                  "budget_s": args.budget_s},
+                  "budget_s": args.budget_s, "seeds": args.seeds, "protocol": args.protocol},
         params=base, uncommitted=_uncommitted(), schedule={})
     stage1(r, base, manifest, store)
     common = ["--manifest", manifest, "--shards-dir", "data/shards", "--teacher", "models/teacher.safetensors",
@@ -278,16 +306,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r.save()
         if args.budget_s and args.losses:
             left = args.budget_s - r.elapsed() - RENDER_RESERVE_S
-            epochs = fit_epochs(left, len(args.losses), timing["cached_median_s"], timing["cached_overhead_s"],
-                                args.timing_epochs, args.student_epochs)
+            epochs = fit_epochs(left, len(args.losses) * args.seeds, timing["cached_median_s"],
+                                timing["cached_overhead_s"], args.timing_epochs, args.student_epochs)
             r.result["schedule"]["student"] = {
                 "left_s": round(left, 1), "epoch_s": timing["cached_median_s"],
                 "overhead_s": timing["cached_overhead_s"], "epochs": epochs}
             r.result["settings"]["student_epochs"] = epochs
-            print(f"schedule: {epochs} student epochs x {len(args.losses)} losses in {left:.0f}s left", flush=True)
-    for loss in args.losses:
-        r.result["students"][loss] = student_run(r, loss, student_params(base, args, loss, epochs), common)
-        r.save()
+            print(f"schedule: {epochs} student epochs x {len(args.losses)} losses x {args.seeds} seed(s) in "
+                  f"{left:.0f}s left", flush=True)
+    for seed in range(args.seeds):  # seed-major: a cut run still has whole seeds of every loss
+        for loss in args.losses:
+            name = loss if args.seeds == 1 else f"{loss}-s{seed}"
+            params = student_params(base, args, loss, epochs, seed if args.seeds > 1 else None)
+            r.result["students"][name] = student_run(r, name, params, common)
+            r.save()
     path = r.save()
     print(summary_text(r.result))
     print(f"wrote {path}")

@@ -33,7 +33,12 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
     n, mean = len(d), float(d.mean())
     sd = float(d.std(ddof=1)) if n > 1 else float("nan")
     half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
-    t_p = float(stats.ttest_1samp(d, 0.0).pvalue) if n > 1 and sd > 0 else (1.0 if n > 1 else float("nan"))
+    if n < 2:
+        t_p = float("nan")
+    elif sd > 0:
+        t_p = float(stats.ttest_1samp(d, 0.0).pvalue)
+    else:  # every seed moved by the same amount: certain if that amount is not 0
+        t_p = 0.0 if mean != 0 else 1.0
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     sign_p = float(stats.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
     return {"n": n, "diffs": d.tolist(), "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],

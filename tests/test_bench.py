@@ -180,3 +180,27 @@ def test_cifar10_report_states_what_a_run_shows(tmp_path: Path) -> None:
     page = (tmp_path / "page.md").read_text()
     assert "NVIDIA H200" in page and "schedule sized to `--budget-s 520.0`" in page
     assert "Not yet run on a GPU" not in page
+
+
+def test_gpu_protocol_r56_fills_what_the_user_did_not_set(tmp_path: Path) -> None:
+    """--protocol r56 is the real-data experiment at GPU scale: the resnet56 preset, every method,
+    3 seeds, 10 views and an 8-minute budget; a flag the user gives wins over the protocol's value."""
+    from experiments.cifar10_gpu import LOSSES, PROTOCOL_R56, base_params, parse_args
+
+    args = parse_args(["--protocol", "r56"])
+    assert args.preset == PROTOCOL_R56["preset"] and args.losses == list(LOSSES)
+    assert (args.seeds, args.views, args.budget_s, args.teacher_share) == (3, 10, 480.0, 0.15)
+    assert "aekt_head_none" in LOSSES and args.tag.startswith("cifar10-r56-")
+    mine = parse_args(["--protocol", "r56", "--seeds", "2", "--budget-s", "100", "--losses", "ce,kd"])
+    assert (mine.seeds, mine.budget_s, mine.losses) == (2, 100.0, ["ce", "kd"])
+    assert parse_args([]).seeds == 1  # without the protocol: one run per loss, as before
+    data = tmp_path / "c10"
+    data.mkdir()
+    for name in ("train.tar", "test.tar"):
+        (data / name).write_bytes(b"")
+    weights = tmp_path / "resnet56.th"
+    params = base_params(parse_args(["--protocol", "r56", "--data-root", str(data),
+                                     "--teacher-checkpoint", str(weights)]))
+    assert params["augment"]["views"] == 10
+    assert (params["teacher"]["arch"], params["teacher"]["finetune"]) == ("resnet56_a", True)
+    assert params["teacher"]["checkpoint"] == str(weights.resolve())

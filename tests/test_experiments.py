@@ -98,3 +98,41 @@ def test_experiment_modules_import_one_way() -> None:
 
     assert [m for m in edges if reaches(m, m, set())] == []
     assert "experiments.stats" in edges["experiments.markdown"]  # the circle this replaced
+
+
+def test_cifar10_real_page_answers_from_the_cells() -> None:
+    """The real-data section computes its answer from the cells: paired by seed, Holm over the two
+    questions, the verdict from the interval, and the online/cached ratio from the two timing runs."""
+    from experiments import cifar10_real as real
+
+    loss = {"name": "aekt", "tau": 4.0, "alpha": 1.0, "beta": 8.0, "adaptive": "ratio", "explicit": "binary_kl",
+            "head": "serial", "warmup_epochs": 2, "warmup_losses": ["dkd", "aekt"], "ce_weight": 1.0,
+            "kd_weight": 1.0, "gamma": 1.0, "dist_beta": 2.0, "dist_gamma": 2.0}
+    finals = {"kd": [0.70, 0.72, 0.71], "dkd": [0.72, 0.70, 0.74], "aekt": [0.75, 0.76, 0.77]}
+    cells = [{"method": m, "seed": s, "final_top1": v, "best_top1": v, "history": {"test_top1": [v / 2, v]},
+              "loss": {**loss, "name": "kd" if m == "kd" else m}}
+             for m, values in finals.items() for s, v in enumerate(values)]
+    stage = {"teacher_source": {"checkpoint_sha256": "4bfd9763" * 8, "finetune": {"epochs": 1}},
+             "teacher_arch": "resnet56_a", "samples": {"train": 50000, "test": 10000},
+             "teacher_metrics": {"imported_top1": 0.832, "test_top1": 0.89, "seconds": 400.0},
+             "cache": {"seconds": 500.0, "disk_bytes": {"logits": 5_000_000}}}
+    timing = {"cached": {"epoch_img_per_s": 1000.0, "epoch_s": 50.0},
+              "online": {"epoch_img_per_s": 400.0, "epoch_s": 125.0}}
+    text = "\n".join(real.section(stage, cells, timing))
+    assert "**aekt − kd: +5.00 pp**, 95 % interval [+2.52, +7.48], 3/3 seeds won" in text
+    assert "AEKT is better beyond seed noise" in text  # aekt − kd: diffs 5, 4, 6
+    assert "**aekt − dkd: +4.00 pp**, 95 % interval [-0.30, +8.30]" in text
+    assert "no difference beyond seed noise (the interval contains 0)" in text
+    assert "imported top-1 **83.20 %**" in text and "**89.00 %**" in text
+    assert "**2.50×** as long" in text
+    assert "| kd | 1·CE + 1·KD, τ=4 | 3 | 71.00 ± 1.00 | 70.00, 72.00, 71.00 |" in text  # no warm-up for KD
+    assert "| aekt | CE + 1·w·TCKD + 8·NCKD, τ=4, head=serial, warm-up 2 ep | 3 | 76.00 ± 1.00 |" in text
+
+
+def test_paired_differences_with_no_spread_are_certain_not_null() -> None:
+    from experiments.stats import paired
+
+    same_gain = paired({0: 75.0, 1: 76.0, 2: 77.0}, {0: 70.0, 1: 71.0, 2: 72.0})
+    assert same_gain is not None and same_gain["t_p"] == 0.0 and same_gain["ci95"] == [5.0, 5.0]
+    tie = paired({0: 70.0, 1: 71.0}, {0: 70.0, 1: 71.0})
+    assert tie is not None and tie["t_p"] == 1.0 and tie["ties"] == 2
