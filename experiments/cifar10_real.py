@@ -97,10 +97,12 @@ def setup(work: Path, log: Path) -> Path:
     return repo
 
 
-def stage1(repo: Path, log: Path) -> dict[str, Any]:
-    """``dvc repro cache`` (a no-op when done) and the lock committed, so every queued run starts from it."""
+def stage1(repo: Path, log: Path, done: bool) -> dict[str, Any]:
+    """``dvc repro cache`` and the lock committed, so every queued run starts from it; skipped when
+    ``done`` (stage1.json written and the clone clean: a queue may be running from it right now)."""
     start = time.perf_counter()
-    sh(["dvc", "repro", "cache"], repo, log)
+    if not (done and not git(repo, "status", "--porcelain").strip()):
+        sh(["dvc", "repro", "cache"], repo, log)
     if git(repo, "status", "--porcelain").strip():
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "stage 1: prepare, teacher (import + fine-tune), cache")
@@ -148,11 +150,26 @@ def collect(repo: Path, name: str, ref: str) -> dict[str, Any]:
     return cell
 
 
-def queued_names(repo: Path) -> set[str]:
-    """Names the DVC queue holds as queued or running (its status table: Task, Name, Created, Status)."""
+def queue_state(repo: Path) -> tuple[set[str], int]:
+    """(names the DVC queue holds as queued or running, active workers), from `dvc queue status`
+    (a table Task, Name, Created, Status, then "Worker status: N active, M idle")."""
     out = sh(["dvc", "queue", "status"], repo, check=False)
-    return {parts[1] for line in out.splitlines()[1:] if len(parts := line.split()) >= 4
-            and parts[-1] in ("Queued", "Running")}
+    names = {parts[1] for line in out.splitlines()[1:] if len(parts := line.split()) >= 4
+             and parts[-1] in ("Queued", "Running")}
+    workers = [line for line in out.splitlines() if line.startswith("Worker status:")]
+    active = int(workers[-1].split(":")[1].split()[0]) if workers else 0
+    return names, active
+
+
+def start_worker(repo: Path, log: Path) -> None:
+    """One queue worker, detached: `dvc queue start` forks a worker that keeps any pipe it inherited
+    open until the queue is empty, so its output goes to the log file, not to a pipe we wait on."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with log.open("a") as f:
+        f.write("$ dvc queue start -j 1\n")
+        f.flush()
+        subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+                       stdout=f, stderr=f, check=True, start_new_session=True)
 
 
 def sweep(repo: Path, cells: dict[str, dict[str, Any]], log: Path, max_hours: float) -> None:
@@ -161,12 +178,14 @@ def sweep(repo: Path, cells: dict[str, dict[str, Any]], log: Path, max_hours: fl
     RESULTS.mkdir(parents=True, exist_ok=True)
     pending = [n for n in cells if not (RESULTS / f"{n}.json").exists()]
     done = exp_refs(repo)
-    sh(["dvc", "queue", "remove", "--queued", "--failed"], repo, log, check=False)
+    sh(["dvc", "queue", "remove", "--failed"], repo, log, check=False)  # failed ones are queued again
+    waiting, active = queue_state(repo)  # what an earlier call queued and is still queued or running
     for name in pending:
-        if name not in done:
+        if name not in done and name not in waiting:
             flags = [arg for k, v in cells[name].items() for arg in ("-S", f"{k}={v}")]
             sh(["dvc", "exp", "run", "--queue", "-n", name, *flags], repo, log)
-    sh(["dvc", "queue", "start", "-j", "1"], repo, log)
+    if not active:
+        start_worker(repo, log)
     deadline = time.monotonic() + 3600 * max_hours
     while pending and time.monotonic() < deadline:
         done = exp_refs(repo)
@@ -175,7 +194,7 @@ def sweep(repo: Path, cells: dict[str, dict[str, Any]], log: Path, max_hours: fl
             (RESULTS / f"{name}.json").write_text(json.dumps(cell, indent=1) + "\n")
             pending.remove(name)
             print(f"{dt.datetime.now():%H:%M} {name}: final top-1 {cell['final_top1']:.4f}", flush=True)
-        if pending and not queued_names(repo):
+        if pending and not queue_state(repo)[0]:
             print(f"queue empty with {len(pending)} unfinished: {', '.join(pending)} "
                   "(see `dvc queue status` / `dvc queue logs` in the workdir); rerun to retry", flush=True)
             break
@@ -345,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     log = args.workdir / "driver.log"
     repo = setup(args.workdir, log)
     print(f"{dt.datetime.now():%H:%M} stage 1 in {repo} (log {log})", flush=True)
-    info = stage1(repo, log)
+    info = stage1(repo, log, done=(RESULTS / "stage1.json").exists())
     info["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                        "code_commit": git(REPO, "rev-parse", "--short", "HEAD").strip()}
