@@ -238,7 +238,8 @@ def section(stage: dict[str, Any] | None, cells: list[dict[str, Any]], timing: d
               f"on the JPEG test split, fine-tuned {ft.get('epochs', params['teacher']['epochs'])} epoch(s) on "
               f"the JPEG train split (SGD lr {params['teacher']['lr']} {params['teacher']['lr_schedule']}, "
               f"wd {params['teacher']['weight_decay']}) → **{100 * tm['test_top1']:.2f} %** "
-              f"({tm['seconds']:.0f} s)",
+              f"({tm['seconds']:.0f} s, import and evaluation included"
+              + ("" if tm["test_top1"] >= 0.89 else "; the 89 % goal is not reached with this fine-tune") + ")",
               f"- stage 1: {params['augment']['views']} views × {stage['samples'].get('train')} images, "
               f"codec `{params['cache']['codec']}`, {stage['cache']['seconds']:.0f} s, "
               f"{sum(stage['cache']['disk_bytes'].values()) / 1e6:.1f} MB",
@@ -271,20 +272,38 @@ def section(stage: dict[str, Any] | None, cells: list[dict[str, Any]], timing: d
                   *diff_table(rows, holm_col=True), "", "Context:", "", *diff_table(context, holm_col=False), ""]
         lines += answer(rows)
     if len(timing) == 2:
-        on, ca = timing["online"], timing["cached"]
-        lines += ["**Online teacher vs cached logits**, one AEKT student epoch each, back to back on this "
-                  f"machine: cached {ca['epoch_img_per_s']:.0f} img/s ({ca['epoch_s']:.0f} s/epoch), online "
-                  f"{on['epoch_img_per_s']:.0f} img/s ({on['epoch_s']:.0f} s/epoch): the online teacher makes "
-                  f"an epoch **{on['epoch_s'] / ca['epoch_s']:.2f}×** as long. Stage 1 cost "
-                  f"{stage['cache']['seconds']:.0f} s once for {params['augment']['views']} views, i.e. "
-                  f"{stage['cache']['seconds'] / params['augment']['views']:.0f} s per epoch-worth of views.", ""]
+        lines += timing_lines(stage, timing, params, runs=len(cells))
     n_seeds = min((len(v) for v in by.values()), default=0)
     lines += ["Limits: a 5-epoch CPU schedule, not the 240-epoch recipe of the KD papers — accuracies are far "
               "from converged students and differences between losses at this length need not survive a full "
               f"schedule; {n_seeds} seed(s) per method; JPEG q75 images (the teacher loses ~10 points on them "
-              "before fine-tuning). A GPU run of the full protocol: `python -m experiments.cifar10_gpu_protocol` "
-              "(docs/cifar10.md).", ""]
+              "before fine-tuning). The same protocol on a GPU (`python -m experiments.cifar10_gpu "
+              "--protocol r56`, docs/cifar10.md): **not run** — no GPU was lent to the session that wrote it, "
+              "and no accuracy here is extrapolated to it.", ""]
     return lines
+
+
+def timing_lines(stage: dict[str, Any], timing: dict[str, dict[str, Any]], params: dict[str, Any],
+                 runs: int) -> list[str]:
+    on, ca = timing["online"], timing["cached"]
+    extra = on["epoch_s"] - ca["epoch_s"]
+    stage1_s, views, epochs = stage["cache"]["seconds"], params["augment"]["views"], params["train"]["epochs"]
+    same = on["history"]["stat_pt_teacher"] == ca["history"]["stat_pt_teacher"]
+    return ["**Online teacher vs cached logits**, one AEKT student epoch each (`train.teacher: online` / "
+            f"`cached`), back to back on this machine: cached {ca['epoch_img_per_s']:.0f} img/s "
+            f"({ca['epoch_s']:.0f} s/epoch), online {on['epoch_img_per_s']:.0f} img/s ({on['epoch_s']:.0f} "
+            f"s/epoch): the online teacher makes a student epoch **{on['epoch_s'] / ca['epoch_s']:.2f}×** as "
+            f"long ({extra:.0f} s more). Stage 1 cost {stage1_s:.0f} s once for {views} views "
+            f"({stage1_s / views:.0f} s per epoch's worth); the {runs} student runs × {epochs} epochs above "
+            f"would have spent {runs * epochs * extra / 3600:.1f} h more with the online teacher.",
+            "",
+            f"The two one-epoch runs saw the same teacher: the mean teacher probability of the target class "
+            f"per epoch is {ca['history']['stat_pt_teacher'][0]:.5f} cached and "
+            f"{on['history']['stat_pt_teacher'][0]:.5f} online ({'identical' if same else 'different'} to 5 "
+            f"digits). Their students differ (top-1 {100 * ca['final_top1']:.2f} % vs "
+            f"{100 * on['final_top1']:.2f} % after one epoch): the fp16 codec rounds the logits, and one "
+            "epoch of SGD amplifies that into a different trajectory, so one-epoch accuracies of a single "
+            "seed are not a comparison of the two modes.", ""]
 
 
 def answer(rows: dict[str, dict[str, Any]]) -> list[str]:

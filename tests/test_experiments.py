@@ -116,15 +116,18 @@ def test_cifar10_real_page_answers_from_the_cells() -> None:
              "teacher_arch": "resnet56_a", "samples": {"train": 50000, "test": 10000},
              "teacher_metrics": {"imported_top1": 0.832, "test_top1": 0.89, "seconds": 400.0},
              "cache": {"seconds": 500.0, "disk_bytes": {"logits": 5_000_000}}}
-    timing = {"cached": {"epoch_img_per_s": 1000.0, "epoch_s": 50.0},
-              "online": {"epoch_img_per_s": 400.0, "epoch_s": 125.0}}
+    timing = {mode: {"epoch_img_per_s": 50_000 / sec, "epoch_s": sec, "final_top1": 0.5,
+                     "history": {"stat_pt_teacher": [0.63457]}} for mode, sec in (("cached", 50.0), ("online", 125.0))}
+    params = real.preset_params()
     text = "\n".join(real.section(stage, cells, timing))
     assert "**aekt − kd: +5.00 pp**, 95 % interval [+2.52, +7.48], 3/3 seeds won" in text
     assert "AEKT is better beyond seed noise" in text  # aekt − kd: diffs 5, 4, 6
     assert "**aekt − dkd: +4.00 pp**, 95 % interval [-0.30, +8.30]" in text
     assert "no difference beyond seed noise (the interval contains 0)" in text
     assert "imported top-1 **83.20 %**" in text and "**89.00 %**" in text
-    assert "**2.50×** as long" in text
+    assert "**2.50×** as long (75 s more)" in text and "(identical to 5 digits)" in text
+    runs, epochs = len(cells), params["train"]["epochs"]
+    assert f"the {runs} student runs × {epochs} epochs above would have spent {runs * epochs * 75 / 3600:.1f} h" in text
     assert "| kd | 1·CE + 1·KD, τ=4 | 3 | 71.00 ± 1.00 | 70.00, 72.00, 71.00 |" in text  # no warm-up for KD
     assert "| aekt | CE + 1·w·TCKD + 8·NCKD, τ=4, head=serial, warm-up 2 ep | 3 | 76.00 ± 1.00 |" in text
 
