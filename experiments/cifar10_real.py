@@ -312,6 +312,9 @@ def answer(rows: dict[str, dict[str, Any]]) -> list[str]:
         lo, hi = r["ci95"]
         if np.isnan(lo):
             verdict = "not testable with one seed"
+        elif (lo > 0 or hi < 0) and r["t_p_holm"] >= 0.05:
+            verdict = ("the unadjusted interval excludes 0, but not after Holm adjustment for the two "
+                       "questions (p >= 0.05): not established beyond seed noise")
         elif lo > 0:
             verdict = "AEKT is better beyond seed noise"
         elif hi < 0:

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from experiments import report
+from experiments.stats import set_flags
 from pipeline.cache.build import build_cache
 from pipeline.config import LossConfig, TrainConfig, load_params, section
 from pipeline.data import Manifest, prepare
@@ -154,7 +155,7 @@ def dvc_exp_check(work: Path, overrides: dict[str, dict[str, Any]], seed: int) -
             shutil.copy2(REPO / name, repo / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     git = ["git", "-c", "user.email=exp@local", "-c", "user.name=exp"]
-    flags = report.set_flags(overrides, present=load_params(REPO / "params.yaml"))
+    flags = set_flags(overrides, present=load_params(REPO / "params.yaml"))
     command = f"dvc exp run -S loss.name=dkd -S train.seed={seed} {flags}".strip()
     for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
