@@ -15,9 +15,7 @@ soon as it lands, and a rerun queues only the missing ones, so the sweep can spa
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -33,7 +31,7 @@ import yaml
 from bench.common import RESULTS_DIR
 from experiments.cifar10_report import render as render_page
 from experiments.markdown import diff_table
-from experiments.stats import describe, holm, paired
+from experiments.stats import describe, history_columns, holm, paired
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "presets" / "cifar10-resnet56.yaml"
@@ -61,10 +59,14 @@ CONTEXT = (("kd", "ce"), ("dkd", "kd"), ("aekt", "ce"), ("aekt", "aekt_head_none
 POLL_S = 20.0
 
 
+def _env() -> dict[str, str]:
+    """This interpreter's bin first on PATH, so ``aekt`` and ``dvc`` are the installed ones."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 def sh(cmd: list[str], cwd: Path, log: Path | None = None, check: bool = True) -> str:
-    """Run ``cmd`` in ``cwd`` with this interpreter's bin first on PATH (``aekt``, ``dvc``)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    """Run ``cmd`` in ``cwd`` (:func:`_env`); its output is appended to ``log``."""
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
     if log is not None:
         with log.open("a") as f:
             f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
@@ -124,17 +126,12 @@ def exp_refs(repo: Path) -> dict[str, str]:
     return {ref.rsplit("/", 1)[1]: ref for ref in out.split() if ref.count("/") >= 4}
 
 
-def read_csv(text: str) -> dict[str, list[float]]:
-    rows = list(csv.DictReader(io.StringIO(text)))
-    return {k: [float(f"{float(r[k]):.5g}") for r in rows] for k in rows[0] if all(r[k] for r in rows)}
-
-
 def collect(repo: Path, name: str, ref: str) -> dict[str, Any]:
     """One finished experiment's numbers, read from its git ref (DVC commits metrics and plots there)."""
     show = lambda path: git(repo, "show", f"{ref}:{path}")  # noqa: E731
     student, evaluation = json.loads(show("metrics/student.json")), json.loads(show("metrics/eval.json"))
     params = yaml.safe_load(show("params.yaml"))
-    history = read_csv(show("plots/train.csv"))
+    history = history_columns(show("plots/train.csv"))
     method, _, seed = name.rpartition("-s")
     cell = {"name": name, "exp_ref": ref, "exp_commit": git(repo, "rev-parse", "--short", ref).strip(),
             "loss": params["loss"], "train": params["train"], "student_arch": params["student"]["arch"],
@@ -164,11 +161,10 @@ def queue_state(repo: Path) -> tuple[set[str], int]:
 def start_worker(repo: Path, log: Path) -> None:
     """One queue worker, detached: `dvc queue start` forks a worker that keeps any pipe it inherited
     open until the queue is empty, so its output goes to the log file, not to a pipe we wait on."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     with log.open("a") as f:
         f.write("$ dvc queue start -j 1\n")
         f.flush()
-        subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+        subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=_env(), stdin=subprocess.DEVNULL,
                        stdout=f, stderr=f, check=True, start_new_session=True)
 
 

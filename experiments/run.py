@@ -13,7 +13,6 @@ report (tables, statistics, plot) is written by ``experiments.report`` from the 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 import yaml
 
 from experiments import report
-from experiments.stats import set_flags
+from experiments.stats import history_columns, set_flags
 from pipeline.cache.build import build_cache
 from pipeline.config import LossConfig, TrainConfig, load_params, section
 from pipeline.data import Manifest, prepare
@@ -112,13 +111,6 @@ def cell_configs(params: dict[str, Any], overrides: dict[str, Any], seed: int) -
             "cache": section(params, "cache"), "aug": section(params, "augment")}
 
 
-def read_history(path: Path) -> dict[str, list[float]]:
-    """The trainer's per-epoch CSV as columns (losses, grad/ and stat/ logs, test top-1), 5 digits."""
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(f"{float(r[k]):.5g}") for r in rows] for k in rows[0] if all(r[k] for r in rows)}
-
-
 def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: str,
              overrides: dict[str, Any], seed: int, keep_checkpoint: bool) -> dict[str, Any]:
     cfg = cell_configs(params, overrides, seed)
@@ -131,7 +123,7 @@ def run_cell(work: Path, stage1: dict[str, Any], params: dict[str, Any], label: 
                          history=out / "train.csv", ckpt_dir=out / "ckpt")
     wall, cpu = time.perf_counter(), time.process_time()
     metrics = train_student(paths, progress=False, **cfg)
-    history = read_history(paths.history)
+    history = history_columns(paths.history.read_text())
     return {"method": label, "seed": seed, "final_top1": metrics["final_top1"],
             "best_top1": metrics["best_top1"], "best_epoch": metrics["best_epoch"],
             "epochs": metrics["epochs"], "final_terms": {k: v[-1] for k, v in history.items()

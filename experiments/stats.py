@@ -6,12 +6,21 @@ both renderers (``experiments.markdown``, ``experiments.cifar10_real``) import t
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
 REFERENCE = "dkd"
+
+
+def history_columns(text: str) -> dict[str, list[float]]:
+    """The trainer's per-epoch CSV (plots/train.csv) as columns, 5 significant digits; columns with an
+    empty cell (e.g. a term one loss does not log) are left out."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return {k: [float(f"{float(r[k]):.5g}") for r in rows] for k in rows[0] if all(r[k] for r in rows)}
 PAIRS = (("kd", "ce"), ("dkd", "kd"), ("aekt", "kd"), ("aekt", "ce"), ("aekt", "aekt_adaptive_none"),
          ("aekt", "aekt_explicit_nkd"), ("aekt", "aekt_head_parallel"), ("aekt", "aekt_head_none"),
          ("aekt_head_none", "dkd_alpha_mean_w"), ("aekt_adaptive_none", "aekt_adaptive_none_head_none"))

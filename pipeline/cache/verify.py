@@ -65,6 +65,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     source = ShardSource(manifest, Path(shards_dir))
     teacher.eval()
     fresh_all, stored_all, where, bad_params = [], [], [], []
+    norm = augment.Normalization.from_card(card)  # the teacher's own input normalisation
     per_row = max(1, samples // len(picked))
     for view, shard in picked:
         keys, images, labels, indices = source.load(int(shard))
@@ -75,7 +76,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
         bad_params += [(int(view), int(indices[i]), keys[i], params[i].tolist(), expected[i].tolist())
                        for i in np.flatnonzero((params != expected).any(axis=1))]
         views = augment_views(prov.recipe, [images[i] for i in rows], params[rows], prov.image_size)
-        fresh = teacher_logits(teacher, views, augment.Normalization.from_card(card), batch_size=cfg.batch_size,
+        fresh = teacher_logits(teacher, views, norm, batch_size=cfg.batch_size,
                                device=torch.device("cpu"), mixed_precision="no")
         fresh_all.append(fresh)
         stored_all.append(stored[rows])
