@@ -15,8 +15,6 @@ from typing import Any
 
 import click
 
-from pipeline.config import load_params, section
-
 PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="params.yaml to read sections from.")
 # Options several stages share, spelled once so their defaults and help cannot drift apart.
@@ -142,5 +140,7 @@ def user_message(err: BaseException) -> str:
 
 
 def read_sections(params_path: str, *names: str) -> list[Any]:
+    from pipeline.config import load_params, section  # here, not at the top: `aekt --help` stays fast
+
     params = load_params(params_path)
     return [section(params, name) for name in names]

@@ -4,14 +4,30 @@ without a traceback; `aekt --debug` / AEKT_DEBUG=1 shows the traceback; OS error
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError
 from stages.common import DEBUG_ENV, os_error_message
+from tests.conftest import REPO, cli_env
 from tests.pipeline_fixture import COMMANDS, aekt_inproc, user_error
+
+# Imported by the command bodies only: `aekt --help` must not pay for them (seconds on a busy machine).
+HEAVY_MODULES = ("torch", "numpy", "zarr", "accelerate", "matplotlib", "webdataset", "PIL", "torchvision",
+                 "safetensors", "sklearn", "numcodecs", "yaml")
+# Renders every help page the way the console script does, then reports which heavy modules were imported.
+_HELP_PROBE = """
+import json, sys
+from stages.cli import main
+pages = [["--help"], ["--version"]] + [[name, "--help"] for name in main.commands]
+codes = [main.main(args, prog_name="aekt", standalone_mode=False) for args in pages]
+print(json.dumps({"codes": codes, "heavy": [m for m in sys.argv[1:] if m in sys.modules]}))
+"""
 
 
 @pytest.mark.parametrize(("code", "fragment"), [
@@ -76,3 +92,20 @@ def test_preset_args_pins_a_relative_data_root(repo_root: Path, tmp_path: Path) 
     (tmp_path / "p.yaml").write_text("data: {source: folder, root: imgs}\n")
     result = aekt_inproc(["preset-args", "p.yaml"], tmp_path)
     assert result.exit_code == 0 and f"data.root={tmp_path.resolve() / 'imgs'}" in result.output
+
+
+def test_help_and_version_import_no_heavy_module() -> None:
+    """Deterministic stand-in for "`aekt --help` is fast": the help pages import none of torch & co."""
+    proc = subprocess.run([sys.executable, "-c", _HELP_PROBE, *HEAVY_MODULES], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report == {"codes": [0] * len(report["codes"]), "heavy": []}, report
+
+
+def test_the_console_script_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    aekt = Path(sys.executable).with_name("aekt")
+    proc = subprocess.run([str(aekt), "--version"], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == f"aekt, version {version('aekt-pipeline')}\n"
