@@ -12,13 +12,13 @@ BENCHMARKS = ("student_step", "stage1", "cache_read", "scaling")
 
 
 @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("name", type=click.Choice([*BENCHMARKS, "all"]))
+@click.argument("name", metavar="NAME", type=click.Choice([*BENCHMARKS, "all"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def main(name: str, args: tuple[str, ...]) -> None:
     """Measure speed ratios side by side; print a table and write bench/results/NAME-DEVICE.json.
 
-    NAME is student_step, stage1, cache_read, scaling, or all (bench/run_all.py). Everything after
-    NAME is passed to the benchmark: `aekt bench student_step --device cuda --batch 256`,
+    NAME is student_step, stage1, cache_read, scaling, or all (bench/run_all.py). ARGS, everything
+    after NAME, go to the benchmark: `aekt bench student_step --device cuda --batch 256`,
     `aekt bench all --device cuda`, `aekt bench stage1 --help`. See docs/benchmarks.md."""
     # Library INFO lines (one per prepared dataset) would bury the tables.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -26,7 +26,8 @@ from stages.common import (
 @click.option("--rebuild", is_flag=True,
               help="Rebuild the store if it was built from other inputs (default: refuse).")
 @click.option("--summary", default=None, type=click.Path(dir_okay=False),
-              help="Write a JSON summary (items, seconds, bytes) here.")
+              show_default="not written",
+              help="JSON summary to write (work items, seconds, bytes on disk).")
 @NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,

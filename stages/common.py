@@ -16,11 +16,12 @@ from typing import Any
 import click
 
 PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
-                             type=click.Path(dir_okay=False), help="params.yaml to read sections from.")
+                             type=click.Path(dir_okay=False), help="Params file whose sections configure this stage.")
 # Options several stages share, spelled once so their defaults and help cannot drift apart.
 MANIFEST_OPTION = click.option("--manifest", "manifest_path", required=True,
                                type=click.Path(exists=True, dir_okay=False),
-                               help="Dataset manifest written by `aekt prepare`, e.g. manifests/digits.json.")
+                               help="Dataset manifest written by `aekt prepare` (shard names, sample counts, sha256, "
+                                    "classes), e.g. manifests/digits.json.")
 def _dataset_of(ctx: click.Context) -> str | None:
     """data.name as the manifest records it, when --manifest was given (dvc.yaml's per-dataset layout)."""
     manifest = ctx.params.get("manifest_path")
@@ -49,7 +50,7 @@ TEACHER_OPTION = click.option("--teacher", "teacher_path", default=None,
                               help="Teacher weights, its card beside them [default: models/<the manifest's "
                                    "dataset>/teacher.safetensors].")
 STORE_OPTION = click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
-                            help="Zarr logit store, e.g. cache/digits-digits_cnn.zarr.")
+                            help="Zarr logit store written by `aekt cache`, e.g. cache/digits-digits_cnn.zarr.")
 NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 
 

@@ -10,12 +10,14 @@ from stages.common import MANIFEST_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_se
 @click.command("evaluate")
 @PARAMS_OPTION
 @click.option("--model", "model_path", default="models/student.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
+              type=click.Path(dir_okay=False), help="Student weights written by `aekt student` (card beside them).")
 @MANIFEST_OPTION
 @SHARDS_OPTION
-@click.option("--metrics", default="metrics/eval.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--plots", "plots_dir", default="plots/eval", show_default=True, type=click.Path(file_okay=False))
-@click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--metrics", default="metrics/eval.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Metrics JSON to write (top-1/top-5, teacher top-1 and agreement; a row of `dvc exp show`).")
+@click.option("--plots", "plots_dir", default="plots/eval", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write per_class.csv, per_class.json and confusion.png into.")
+@click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False), show_default="not scored",
               help="Also score this teacher on the same test samples and report the student's top-1 "
                    "agreement with it (teacher_agreement).")
 @stage

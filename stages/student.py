@@ -23,11 +23,16 @@ from stages.common import (
 @TEACHER_OPTION
 @STORE_OPTION
 @click.option("--out", "model_out", default="models/student.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--metrics", default="metrics/student.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--history", default="plots/train.csv", show_default=True, type=click.Path(dir_okay=False))
+              type=click.Path(dir_okay=False),
+              help="Student weights (safetensors) to write, without the distillation head; its card goes "
+                   "beside them as .json, the head as student-head.safetensors.")
+@click.option("--metrics", default="metrics/student.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Metrics JSON to write (final/best top-1, top-5, loss, seconds; a row of `dvc exp show`).")
+@click.option("--history", default="plots/train.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="Per-epoch CSV to write (loss terms, gradient norms, w statistics, test top-1, speed; "
+                   "for `dvc plots show`).")
 @click.option("--checkpoints", default="runs/student", show_default=True, type=click.Path(file_okay=False),
-              help="Resumable checkpoints (every train.checkpoint_every epochs).")
+              help="Folder of resumable checkpoints (written every train.checkpoint_every epochs).")
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint.")
 @NO_PROGRESS_OPTION
 @stage

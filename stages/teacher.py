@@ -12,9 +12,13 @@ from stages.common import MANIFEST_OPTION, NO_PROGRESS_OPTION, PARAMS_OPTION, SH
 @MANIFEST_OPTION
 @SHARDS_OPTION
 @click.option("--out", "model_out", default="models/teacher.safetensors", show_default=True,
-              type=click.Path(dir_okay=False), help="Weights; the card goes beside it (.json).")
-@click.option("--metrics", default="metrics/teacher.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--history", default="plots/teacher.csv", show_default=True, type=click.Path(dir_okay=False))
+              type=click.Path(dir_okay=False),
+              help="Teacher weights (safetensors) to write; its card (arch, classes, sha256) goes beside "
+                   "them as .json.")
+@click.option("--metrics", default="metrics/teacher.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Metrics JSON to write (test top-1, epochs, seconds; a row of `dvc exp show`).")
+@click.option("--history", default="plots/teacher.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="Per-epoch CSV to write (loss, test top-1, speed; for `dvc plots show`).")
 @NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, metrics: str,

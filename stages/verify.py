@@ -30,7 +30,7 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @TEACHER_OPTION
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
               help="(view, sample) pairs to recompute.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed that picks the (view, sample) pairs.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=None, callback=_not_nan,
               help="Max KL at tau=1 accepted (default: the codec's stated bound).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from pipeline.config import ConfigError
@@ -109,3 +110,42 @@ def test_the_console_script_prints_the_package_version() -> None:
     aekt = Path(sys.executable).with_name("aekt")
     proc = subprocess.run([str(aekt), "--version"], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout == f"aekt, version {version('aekt-pipeline')}\n"
+
+
+def _commands() -> list[tuple[str, click.Command]]:
+    from stages.cli import main
+
+    return [("aekt", main), *sorted(main.commands.items())]
+
+
+@pytest.mark.parametrize(("name", "command"), _commands(), ids=[name for name, _ in _commands()])
+def test_every_option_and_argument_is_explained(name: str, command: click.Command) -> None:
+    """`aekt X --help` explains every option (click has no help for arguments: the command's own
+    text must name each one, as it appears in the usage line)."""
+    ctx = click.Context(command, info_name=name)
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            assert param.help and param.help.strip(), f"aekt {name} {param.opts[0]}: no help text"
+        else:
+            assert param.human_readable_name in (command.help or ""), \
+                f"aekt {name}: the help does not explain the argument {param.human_readable_name}"
+
+
+def _default_pending(name: str) -> list:
+    if name != "inspect":
+        return []
+    return [pytest.mark.xfail(reason="stages/inspect.py (another engineer's file): --max-shards, --student, "
+                                     "--eval-metrics and --json-out do not say what leaving them out does")]
+
+
+@pytest.mark.parametrize(("name", "command"),
+                         [pytest.param(n, c, id=n, marks=_default_pending(n)) for n, c in _commands()])
+def test_every_value_option_says_its_default(name: str, command: click.Command) -> None:
+    """An option that takes a value shows `[default: ...]` (or says in words what leaving it out
+    does), unless it is required or repeatable; flags are off unless given."""
+    ctx = click.Context(command, info_name=name)
+    for param in command.get_params(ctx):
+        if not isinstance(param, click.Option) or param.is_flag or param.required or param.multiple:
+            continue
+        record = param.get_help_record(ctx)
+        assert record and "default" in record[1], f"aekt {name} {param.opts[0]}: the help hides the default"
