@@ -39,6 +39,7 @@ class StudentPaths:
     metrics: Path
     history: Path
     ckpt_dir: Path
+    live: Path | None = None  # dvclive folder: live metrics while it trains (pipeline/live.py)
 
 
 def check_store(paths: StudentPaths, manifest: Manifest, cache: CacheConfig, aug: AugmentConfig,
@@ -118,7 +119,7 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         teacher_norm=None if teacher_card is None else Normalization.from_card(teacher_card),
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
         fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
-        desc=f"student[{loss.name}]", compile_loss=train.compile_loss)
+        desc=f"student[{loss.name}]", compile_loss=train.compile_loss, live_dir=paths.live)
     start = time.perf_counter()
     model, history = fit(job)
     metrics = student_metrics(history, loss=loss, train=train, seconds=time.perf_counter() - start,

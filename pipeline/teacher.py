@@ -16,6 +16,7 @@ from pipeline.augment import Normalization
 from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
 from pipeline.data import Manifest
 from pipeline.heads import DistillStudent
+from pipeline.live import LiveLog
 from pipeline.models import (
     CheckpointError,
     build_model,
@@ -55,21 +56,22 @@ def _import(cfg: TeacherConfig, manifest: Manifest) -> torch.nn.Module:
 
 
 def _fit(cfg: TeacherConfig, backbone: torch.nn.Module, manifest: Manifest, norm: Normalization,
-         common: dict[str, Any], test: StreamSpec, progress: bool, desc: str) -> tuple[torch.nn.Module, list]:
+         common: dict[str, Any], test: StreamSpec, progress: bool, desc: str,
+         live_dir: Path | None) -> tuple[torch.nn.Module, list]:
     """CE training of ``backbone`` on the train split with ``cfg``'s schedule (from scratch, or a
     fine-tune of imported weights)."""
     check_batch_size(cfg.batch_size, manifest, "teacher.batch_size")
     job = TrainJob(model=DistillStudent(backbone, classifier_of(backbone), manifest.num_classes, "none"),
                    sched=cfg, loss=LossConfig(name="ce", head="none"),
                    train=StreamSpec(split="train", batch_augment=True, **common), test=test, norm=norm,
-                   progress=progress, desc=desc)
+                   progress=progress, desc=desc, live_dir=live_dir)
     wrapped, history = fit(job)
     return wrapped.backbone, history
 
 
 def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metrics_path: Path,
                 history_path: Path, cfg: TeacherConfig, aug: AugmentConfig,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, live_dir: Path | None = None) -> dict[str, Any]:
     """Train the teacher, import it (``teacher.checkpoint``), or import and fine-tune it
     (``teacher.finetune``: ``epochs`` more epochs of CE at ``lr`` with the teacher's schedule)."""
     check_arch(cfg.arch, "teacher.arch")
@@ -98,13 +100,16 @@ def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metri
         if cfg.finetune:
             torch.manual_seed(cfg.seed)
             model, history = _fit(cfg, model, manifest, norm, common, test, progress,
-                                  f"teacher[{cfg.arch} fine-tune]")
+                                  f"teacher[{cfg.arch} fine-tune]", live_dir)
             top1 = history[-1]["test_top1"]
             source["finetune"] = asdict(cfg)
+        else:  # nothing trained: the live folder holds the imported weights' score as epoch 0
+            LiveLog(live_dir, main=is_main_process(), history=[{"epoch": 0, "test_top1": imported_top1}]).close()
     else:
         torch.manual_seed(cfg.seed)
         backbone = build_model(cfg.arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
-        model, history = _fit(cfg, backbone, manifest, norm, common, test, progress, f"teacher[{cfg.arch}]")
+        model, history = _fit(cfg, backbone, manifest, norm, common, test, progress, f"teacher[{cfg.arch}]",
+                              live_dir)
         top1 = history[-1]["test_top1"]
         source = {"kind": "trained", "config": asdict(cfg)}
     metrics = {"arch": cfg.arch, "test_top1": top1, "epochs": len(history), "source": source["kind"],

@@ -21,7 +21,6 @@ import torch
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline import augment
 from pipeline.config import ConfigError, LossConfig, ScheduleConfig
@@ -29,8 +28,10 @@ from pipeline.data import Manifest
 from pipeline.distributed import make_accelerator
 from pipeline.errors import UserError
 from pipeline.heads import DistillStudent, build_param_groups
+from pipeline.live import LiveLog, StepSeries, gather_sums
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, loss_warmup
 from pipeline.models.checkpoints import name_list, nonfinite_tensors
+from pipeline.progress import Progress, RunClock, format_eta
 from pipeline.run_state import load_checkpoint, save_checkpoint
 from pipeline.stream import ShardStream, StreamSpec
 
@@ -73,6 +74,8 @@ class TrainJob:
     desc: str = "train"
     compile_loss: bool = False  # train.compile_loss
     history: list[dict[str, Any]] = field(default_factory=list)
+    live_dir: Path | None = None  # dvclive folder (pipeline/live.py); None = no live metrics
+    live: LiveLog = field(default_factory=lambda: LiveLog(None, main=False, history=[]), repr=False)
     terms_fn: TermsFn | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,7 +201,7 @@ GRAD_PROBE_EVERY = 10
 
 
 def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
-                stream: ShardStream, epoch: int) -> dict[str, float]:
+                stream: ShardStream, epoch: int, clock: RunClock | None = None) -> dict[str, float]:
     stream.set_epoch(epoch)
     sched, recipe = job.sched, job.train.recipe
     n_local = stream.num_samples()
@@ -207,7 +210,8 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     term_sums: dict[str, torch.Tensor] = {}
     grad_sums: dict[str, torch.Tensor] = {}
     stat_sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no per-step host sync
-    seen, probes, start = 0, 0, time.perf_counter()
+    series = StepSeries.for_epoch(steps)
+    seen, probes, start, world = 0, 0, time.perf_counter(), accelerator.num_processes
     loader = build_loader(stream, sched.batch_size, sched.workers, accelerator.device.type == "cuda")
     # Ranks may hold different sample counts (whole shards per rank): DDP's Join lets a rank that
     # ran out shadow the others' gradient all-reduces instead of hanging (Accelerate's
@@ -215,8 +219,8 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
     # joined average gradients over the full world size: those few updates are damped, nothing is
     # skipped or seen twice.
     joined = Join([model]) if isinstance(model, DistributedDataParallel) else nullcontext()
-    bar = tqdm(total=n_local, disable=not (job.progress and accelerator.is_main_process),
-               desc=f"{job.desc} epoch {epoch}/{sched.epochs}", unit="img", leave=False)
+    bar = Progress(n_local, f"{job.desc} epoch {epoch}/{sched.epochs}", "img", bar=job.progress,
+                   main=accelerator.is_main_process, suffix=clock and clock.suffix(epoch), logger=log)
     with joined, bar:
         for step, batch in enumerate(loader):
             scale = lr_at((epoch - 1 + step / steps) / sched.epochs, sched)
@@ -231,21 +235,37 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
                 stat_sums[k] = stat_sums.get(k, 0.0) + v * b
             for k, v in grads.items():
                 grad_sums[k] = grad_sums.get(k, 0) + v
+            series.add({f"loss/{k}": v for k, v in terms.items()} | {"loss/total": sum(terms.values())}, b)
+            if (step + 1) % series.every == 0:
+                series.close_window((epoch - 1) * steps + step + 1, {"lr": optimizer.param_groups[0]["lr"]})
+                if world == 1:  # one rank: live at once; several: merged at the epoch's end
+                    job.live.points(series.merged(1)[-1:])
             probes += bool(grads)
             seen += b
             bar.update(b)
             if step % NAN_CHECK_EVERY == 0:
                 check_finite(term_sums, epoch, step, sched.SECTION or "train")
     check_finite(term_sums, epoch, step, sched.SECTION or "train")
-    seconds = time.perf_counter() - start
-    row: dict[str, Any] = {f"loss/{k}": float(v) / max(seen, 1) for k, v in term_sums.items()}
+    if series.close_window(epoch * steps, {"lr": optimizer.param_groups[0]["lr"]}) and world == 1:
+        job.live.points(series.merged(1)[-1:])
+    if world > 1:
+        job.live.points(series.merged(world))
+    return epoch_row(term_sums, stat_sums, grad_sums, seen=seen, probes=probes, world=world,
+                     seconds=time.perf_counter() - start, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
+
+
+def epoch_row(term_sums: dict[str, Any], stat_sums: dict[str, Any], grad_sums: dict[str, Any], *,
+              seen: int, probes: int, seconds: float, world: int, epoch: int, lr: float) -> dict[str, float]:
+    """The epoch's means over the samples of every rank (one gather; every rank must call it)."""
+    local = {f"loss/{k}": float(v) for k, v in term_sums.items()} | {k: float(v) for k, v in stat_sums.items()}
+    local |= {f"grad/{k}": float(v) for k, v in grad_sums.items()}
+    total = gather_sums(local | {"_seen": seen, "_probes": probes, "_seconds": seconds}, world)
+    n, p = max(total.pop("_seen"), 1), max(total.pop("_probes"), 1)
+    row: dict[str, float] = {k: v / n for k, v in total.items() if k.startswith("loss/")}
     row["loss/total"] = sum(row.values())
-    row.update({k: float(v) / max(seen, 1) for k, v in stat_sums.items()})
-    row.update({k: float(v) / max(probes, 1) for k, v in grad_sums.items()})
-    counts = accelerator.reduce(torch.tensor([seen, seconds], device=accelerator.device, dtype=torch.float64),
-                                reduction="sum")
-    row.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], samples=int(counts[0]),
-               img_per_s=float(counts[0] / (counts[1] / accelerator.num_processes)))
+    row.update({k: v / n for k, v in total.items() if not k.startswith(("loss/", "grad/", "_"))})
+    row.update({k.removeprefix("grad/"): v / p for k, v in total.items() if k.startswith("grad/")})
+    row.update(epoch=epoch, lr=lr, samples=int(n), img_per_s=float(n / (total["_seconds"] / world)))
     return row
 
 
@@ -317,14 +337,21 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     rank, world = accelerator.process_index, accelerator.num_processes
     train_stream = ShardStream(job.train, rank=rank, world=world)
     test_stream = ShardStream(job.test, rank=rank, world=world)
-    log.info("%s: optimising %s", job.desc, describe_loss(job.loss, 1.0))
+    main = accelerator.is_main_process
+    if main:
+        log.info("%s: optimising %s", job.desc, describe_loss(job.loss, 1.0))
+    job.live = LiveLog(job.live_dir, main=main, history=job.history)
+    clock = RunClock(start, sched.epochs)
     for epoch in range(start, sched.epochs + 1):
-        row = train_epoch(job, accelerator, model, optimizer, train_stream, epoch)
+        row = train_epoch(job, accelerator, model, optimizer, train_stream, epoch, clock)
         check_finite_weights(accelerator.unwrap_model(model), job.desc, epoch, sched.SECTION or "train")
         row.update(evaluate(accelerator, model, test_stream, max(256, sched.batch_size), job.norm, sched.workers))
         job.history.append(row)
-        log.info("%s epoch %d: loss %.4f top1 %.4f (%.0f img/s)", job.desc, epoch, row["loss/total"],
-                 row["test_top1"], row["img_per_s"])
+        job.live.epoch(row)
+        if main:  # every value in the row is over all ranks' samples
+            log.info("%s epoch %d/%d: loss %.4f top1 %.4f (%.0f img/s), run ETA %s", job.desc, epoch,
+                     sched.epochs, row["loss/total"], row["test_top1"], row["img_per_s"],
+                     format_eta(clock.remaining(epoch, 1.0)))
         if job.ckpt_dir and job.checkpoint_every and epoch % job.checkpoint_every == 0:
             if accelerator.is_main_process:
                 # A fresh run replaces an older run's checkpoints only once it has one of its own
@@ -334,6 +361,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
                                 state={"fingerprint": job.fingerprint, "history": job.history},
                                 replace_others=not job.resume and epoch == job.checkpoint_every)
             accelerator.wait_for_everyone()
+    job.live.close()
     return accelerator.unwrap_model(model), job.history
 
 

@@ -1,0 +1,126 @@
+"""Live metrics of a training run through dvclive, and the cross-rank sums they are made of.
+
+Two dvclive folders per run, written by the main process only:
+
+- ``<dir>/``: one step per epoch (``step`` = epoch). ``metrics.json`` is rewritten after every
+  epoch, so ``dvc exp show`` shows a running experiment's latest epoch; ``plots/metrics/`` holds one
+  TSV per metric (``test_top1``, ``loss/<term>``, ``lr``, ...) for ``dvc plots``.
+- ``<dir>-steps/``: the loss terms and lr about 20 times per epoch (``step`` = optimizer step),
+  each a mean over the samples of all ranks since the previous point.
+
+Every value is reduced across ranks: sums and sample counts are gathered, never one rank's mean.
+A resumed run rewrites the epoch folder from the checkpoint's history; the step folder then starts
+at the resumed epoch (the steps before it are not in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+POINTS_PER_EPOCH = 20  # step-level points per epoch: enough to see a spike, cheap in host syncs
+
+
+def gather_sums(sums: dict[str, float], world: int) -> dict[str, float]:
+    """Key-wise sum of every rank's ``sums`` (a rank with no batches contributes an empty dict).
+    A collective: every rank must call it, the same number of times."""
+    if world == 1:
+        return dict(sums)
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, sums)
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+@dataclass
+class StepSeries:
+    """Windowed sums of per-step values; a point every ``every`` steps of this rank."""
+
+    every: int
+    window: dict[str, torch.Tensor] = field(default_factory=dict)  # summed on the device
+    count: int = 0
+    points: list[tuple[int, dict[str, float], int]] = field(default_factory=list)  # (step, sums, n)
+
+    @classmethod
+    def for_epoch(cls, steps: int) -> StepSeries:
+        return cls(every=max(1, math.ceil(steps / POINTS_PER_EPOCH)))
+
+    def add(self, values: dict[str, torch.Tensor], n: int) -> None:
+        for key, value in values.items():
+            self.window[key] = self.window.get(key, 0) + value.detach() * n
+        self.count += n
+
+    def close_window(self, global_step: int, extra: dict[str, float]) -> tuple[int, dict[str, float], int] | None:
+        """End the window at ``global_step`` (one host sync); ``extra`` values are per point, not summed."""
+        if not self.count:
+            return None
+        sums = {k: float(v) for k, v in self.window.items()}
+        sums.update({k: v * self.count for k, v in extra.items()})
+        point = (global_step, sums, self.count)
+        self.points.append(point)
+        self.window, self.count = {}, 0
+        return point
+
+    def merged(self, world: int) -> list[tuple[int, dict[str, float]]]:
+        """Every rank's points, window by window, as means over all ranks' samples (a collective)."""
+        if world == 1:
+            ranks = [self.points]
+        else:
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, self.points)
+        out = []
+        for i in range(max(len(r) for r in ranks)):
+            here = [r[i] for r in ranks if i < len(r)]
+            n = sum(p[2] for p in here)
+            keys = here[0][1]
+            out.append((here[0][0], {k: sum(p[1].get(k, 0.0) for p in here) / n for k in keys}))
+        return out
+
+
+class LiveLog:
+    """dvclive writers of one run; a no-op without a folder or off the main process."""
+
+    def __init__(self, folder: Path | None, *, main: bool, history: list[dict[str, Any]]) -> None:
+        self.epochs = self.steps = None
+        if folder is None or not main:
+            return
+        from dvclive import Live  # ~0.8 s to import: only when a run logs live
+
+        options = dict(resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+        self.epochs = Live(dir=str(folder), **options)
+        self.steps = Live(dir=f"{folder}-steps", **options)
+        for row in history:  # a resumed run: the epochs its checkpoint holds
+            self.epoch(row)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self.epochs is None:
+            return
+        self.epochs.step = int(row["epoch"])
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, int | float) and math.isfinite(value):
+                self.epochs.log_metric(key, value)
+        self.epochs.next_step()  # writes metrics.json and the TSVs now: `dvc exp show` sees this epoch
+
+    def points(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        if self.steps is None:
+            return
+        for step, values in points:
+            self.steps.step = step
+            for key, value in values.items():
+                self.steps.log_metric(key, value)
+            self.steps.next_step()
+
+    def close(self) -> None:
+        for live in (self.epochs, self.steps):
+            if live is not None:
+                live.end()
