@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from pipeline.outputs import write_files  # noqa: E402
 
@@ -24,7 +25,11 @@ CSV_NAME = "per_class_confidence.csv"
 PNG_NAMES = ("per_class_confidence.png", "confidence_histogram.png", "reliability.png",
              "confused_pairs.png")
 HEAD_PNG = "serial_head.png"
-MAX_BARS = 60  # above this, bar charts show the 30 lowest and 30 highest classes
+MAX_BARS = 60  # above this, the per-class plot shows the 30 lowest and 30 highest classes
+# Probabilities within this of 0 or 1 (p_t = 1 in float64 included) are drawn at it: the logit
+# axis has no 0 or 1.
+PROB_FLOOR = 1e-6
+BLUE, RED, GREEN = "#4c78a8", "#e45756", "#54a24b"
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -41,6 +46,35 @@ def _scope(report: dict[str, Any]) -> str:
             f"{report['sample_views']:,} cached sample-views")
 
 
+def _legend_beside(ax: plt.Axes) -> None:
+    """Legend to the right of the axes: inside, it covers bars (the tallest, or the first bins)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
+def _count_axis(ax: plt.Axes, which: str, counts: np.ndarray) -> None:
+    """A count axis: integer ticks only. Log scale when the counts span more than ~1.5 decades (a
+    good teacher piles almost every view into one bin), labelled 1, 10, 100, ...; linear otherwise."""
+    axis, positive = getattr(ax, f"{which}axis"), counts[counts > 0]
+    top = max(int(positive.max()) if len(positive) else 1, 1)
+    if len(positive) and top / positive.min() >= 30:
+        getattr(ax, f"set_{which}scale")("log")
+        axis.set_major_locator(LogLocator(base=10))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        axis.set_minor_formatter(NullFormatter())
+        getattr(ax, f"set_{which}lim")(0.7, top * 2.5)
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+        getattr(ax, f"set_{which}lim")(0, top * 1.15)
+
+
+def class_rows(per_class: list[dict[str, Any]], max_rows: int) -> tuple[list[dict[str, Any]], int]:
+    """Per-class rows in the order the text report and the PNG both list them, top to bottom: by mean
+    p_t, least confident first; above ``max_rows`` the lowest and highest half. Also how many are left out."""
+    rows = sorted(per_class, key=lambda r: r["mean_pt"])
+    hidden = max(len(rows) - max_rows, 0)
+    return (rows[:max_rows // 2] + rows[-(max_rows // 2):] if hidden else rows), hidden
+
+
 def write_csv(report: dict[str, Any], path: Path) -> Path:
     """One row per class in class order (stable for `dvc plots diff`)."""
     with path.open("w", newline="") as f:
@@ -52,118 +86,156 @@ def write_csv(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_per_class(report: dict[str, Any], path: Path) -> Path:
-    rows = sorted(report["per_class"], key=lambda r: r["mean_pt"])
-    note, hidden = "", len(rows) - MAX_BARS
-    if hidden > 0:
-        note = f" — {MAX_BARS // 2} lowest and highest of {len(rows)} classes"
-        rows = rows[:MAX_BARS // 2] + rows[-MAX_BARS // 2:]
+def _floats(values: list[float | None]) -> np.ndarray:
+    """float64 array with None (an empty bin, a class the student was not tested on) as NaN: not drawn."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _probabilities(values: list[float | None]) -> np.ndarray:
+    """Probabilities clipped into [FLOOR, 1 - FLOOR] for the logit axis, which has no 0 or 1."""
+    return np.clip(_floats(values), PROB_FLOOR, 1 - PROB_FLOOR)
+
+
+def _probability_tick(value: float, _: int) -> str:
+    """1e-05, 0.0001, ..., 0.1, 0.5, 0.9, 0.99, ..., 0.99999: all the nines a tick near 1 needs."""
+    if value <= 0.5:
+        return f"{value:g}"
+    return f"{value:.{max(int(round(-np.log10(1 - value))), 1)}f}"
+
+
+def per_class_figure(report: dict[str, Any]) -> plt.Figure:
+    """p_t per class on a logit axis. A confident teacher's mean p_t all sit at 0.96-0.99, where a
+    linear axis shows ten equal bars; on the logit axis 0.9, 0.99, 0.999 are equally spaced, so the
+    distance from 1 (the teacher's error, 1 - p_t) spans decades and ranks the classes, while a weak
+    teacher's p_t near 0 is spread out the same way."""
+    rows, hidden = class_rows(report["per_class"], MAX_BARS)
     student = {r["class"]: r["student_top1"] for r in report.get("student", {}).get("per_class", [])}
     y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.28 * len(rows)))
-    ax.barh(y, [r["mean_pt"] for r in rows], color="#9ecae9", label="teacher mean p_t")
-    ax.hlines(y, [r["q10"] for r in rows], [r["q90"] for r in rows], color="black", lw=1.2,
-              label="p_t q10–q90")
-    ax.plot([r["q50"] for r in rows], y, "|", color="black", ms=9, mew=2, label="p_t median")
-    ax.plot([r["accuracy"] for r in rows], y, "x", color="#e45756", ms=7, mew=2,
-            label="teacher accuracy (cached views)")
+    q10, q50, q90, mean, acc = (_probabilities([r[k] for r in rows])
+                                for k in ("q10", "q50", "q90", "mean_pt", "accuracy"))
+    top1 = _probabilities([student.get(r["class"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(10.5, 2.3 + 0.3 * len(rows)))
+    ax.set_xscale("logit")
+    ax.hlines(y, q10, q90, color="black", lw=1.2, zorder=2, label="p_t, q10–q90 of the class's views")
+    ax.plot(q50, y, "|", color="black", ms=10, mew=2, zorder=3, label="p_t, median")
+    ax.plot(mean, y, "o", color=BLUE, ms=7, zorder=4, label="p_t, mean")
+    ax.plot(acc, y, "x", color=RED, ms=8, mew=2, zorder=5, label="teacher accuracy (cached views)")
     if student:
-        values = [student.get(r["class"]) for r in rows]
-        ax.plot([np.nan if v is None else v for v in values], y, "D", color="#54a24b", ms=5,
-                label="student top-1 (test split)")
+        ax.plot(top1, y, "D", color=GREEN, ms=5, zorder=5, label="student top-1 (test split)")
+    drawn = np.concatenate([q10, q90, mean, acc, top1])
+    drawn = drawn[np.isfinite(drawn)]
+    for edge in (PROB_FLOOR, 1 - PROB_FLOOR):  # mark where clipped values sit
+        if (drawn == edge).any():
+            ax.axvline(edge, color="gray", ls=":", lw=1)
+    logits = np.log(drawn / (1 - drawn))
+    ax.set_xlim(*(1 / (1 + np.exp(-x)) for x in (logits.min() - 0.6, logits.max() + 0.6)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_probability_tick))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_yticks(y, [r["class"] for r in rows], fontsize=8 if len(rows) > 30 else 10)
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    if note:  # mark where the classes left out would sit
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, as the text report lists them
+    note = ""
+    if hidden:  # mark where the classes left out would sit
+        note = f" — {MAX_BARS // 2} lowest and highest of {len(rows) + hidden} classes"
         ax.axhline(MAX_BARS // 2 - 0.5, color="gray", ls="--", lw=1)
-        ax.text(1.0, MAX_BARS // 2 - 0.5, f"{hidden} classes not shown ", ha="right", va="center",
-                fontsize=8, color="gray", backgroundcolor="white")
-    ax.set_xlim(0, 1.02)
-    ax.set_xlabel(f"teacher probability of the true class, p_t at τ={report['tau']:g}")
-    ax.set_title(f"Teacher target confidence p_t per class at τ={report['tau']:g}{note}\n({_scope(report)})",
-                 fontsize=10)
-    # Outside the axes: inside, it would hide the bars of the least confident classes.
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax.text(0.99, MAX_BARS // 2 - 0.5, f"{hidden} classes not shown ", ha="right", va="center",
+                fontsize=8, color="gray", backgroundcolor="white", transform=ax.get_yaxis_transform())
+    tau = f"τ={report['tau']:g}"
+    ax.set_xlabel(f"p_t, teacher probability of the true class at {tau} — logit scale: the distance "
+                  f"from 1 (0.9, 0.99, 0.999) and from 0\nis what is spaced evenly; p_t = 1 and values "
+                  f"above 1 − {PROB_FLOOR:g} (or 0 and below {PROB_FLOOR:g}) are drawn at the dotted line")
+    ax.set_title(f"Teacher target confidence p_t per class at {tau}{note}\nleast confident on top, as in "
+                 f"the text report ({_scope(report)})", fontsize=10)
+    _legend_beside(ax)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_histogram(report: dict[str, Any], path: Path) -> Path:
+def histogram_figure(report: dict[str, Any]) -> plt.Figure:
     hist = report["confidence_histogram"]
     edges = np.array(hist["edges"])
     half, left = np.diff(edges) / 2, edges[:-1]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     # Side by side, not stacked: on the log axis a stacked bar would misstate the upper part.
-    ax.bar(left, hist["correct"], half, align="edge", color="#4c78a8", label="teacher argmax = label")
-    ax.bar(left + half, hist["wrong"], half, align="edge", color="#e45756", label="teacher argmax ≠ label")
-    # A good teacher piles almost every view into the last bin; a log axis keeps the rest visible.
-    ax.set_yscale("log")
+    ax.bar(left, hist["correct"], half, align="edge", color=BLUE, label="teacher argmax = label")
+    ax.bar(left + half, hist["wrong"], half, align="edge", color=RED, label="teacher argmax ≠ label")
+    _count_axis(ax, "y", np.array(hist["correct"] + hist["wrong"]))
     ax.set_xticks(edges[::2])
     ax.grid(axis="y", alpha=0.3)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"p_t, teacher probability of the true class at τ={report['tau']:g}")
-    ax.set_ylabel("sample-views (log scale)")
+    ax.set_ylabel("sample-views" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     tc = report["target_confidence"]
     ax.set_title(f"Teacher target confidence p_t at τ={report['tau']:g}: mean {tc['mean']:.3f}, "
                  f"median {tc['q50']:.3f}\n({_scope(report)})", fontsize=10)
-    ax.legend(loc="upper left", fontsize=9)
-    return _save(fig, path)
+    _legend_beside(ax)
+    return fig
 
 
-def plot_reliability(report: dict[str, Any], path: Path) -> Path:
+def reliability_figure(report: dict[str, Any]) -> plt.Figure:
     bins = report["reliability"]["bins"]
     lo = np.array([b["lo"] for b in bins])
     width = np.array([b["hi"] - b["lo"] for b in bins])
-    acc = np.array([np.nan if b["accuracy"] is None else b["accuracy"] for b in bins])
-    conf = np.array([np.nan if b["confidence"] is None else b["confidence"] for b in bins])
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(8.5, 7), height_ratios=(3, 1), sharex=True)
-    seen = ~np.isnan(acc)
-    ax.bar(lo[seen], acc[seen], width[seen], align="edge", color="#4c78a8", edgecolor="black", zorder=2,
-           label="accuracy in bin (bar top)")
-    # The gap spans accuracy..confidence in either direction; hatched and unfilled, drawn over the bar,
-    # so the bar's own top stays the accuracy (an underconfident bin's gap lies inside the bar).
-    low, high = np.minimum(acc, conf)[seen], np.maximum(acc, conf)[seen]
-    ax.bar(lo[seen], high - low, width[seen], bottom=low, align="edge", fill=False, hatch="///",
-           edgecolor="#e45756", linewidth=0, zorder=3, label="gap between accuracy and confidence")
-    ax.hlines(conf[seen], lo[seen], (lo + width)[seen], color="black", linewidth=2.2, zorder=4,
+    acc, conf = _floats([b["accuracy"] for b in bins]), _floats([b["confidence"] for b in bins])
+    counts = np.array([b["count"] for b in bins])
+    seen = counts > 0
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(10, 7.5), height_ratios=(3, 1.3), sharex=True)
+    # The accuracy bar takes the left 70 % of its bin and the gap a strip of its own on the right,
+    # so the gap never covers the bar: the bar's top is the accuracy in every bin, whichever way the
+    # bin is miscalibrated.
+    bar = 0.7 * width
+    ax.bar(lo[seen], acc[seen], bar[seen], align="edge", color=BLUE, edgecolor="black", lw=0.8, zorder=2,
+           label="accuracy in bin (bar height)")
+    low, high = np.fmin(acc, conf)[seen], np.fmax(acc, conf)[seen]
+    ax.bar((lo + bar)[seen], high - low, (width - bar)[seen], bottom=low, align="edge", color=RED,
+           alpha=0.45, hatch="///", edgecolor=RED, lw=0.8, zorder=2, label="gap |accuracy − confidence|")
+    ax.hlines(conf[seen], lo[seen], (lo + width)[seen], color="black", lw=2, zorder=3,
               label="mean confidence in bin")
     ax.plot([0, 1], [0, 1], "--", color="gray", zorder=1, label="perfect calibration")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy (argmax = label)")
     ax.set_title(f"Reliability at τ={report['tau']:g}: ECE {report['reliability']['ece']:.4f} "
                  f"({len(bins)} equal-width bins)\n({_scope(report)})", fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)  # never over a bin
-    counts = np.array([max(b["count"], 0) for b in bins])
-    axc.bar(lo[counts > 0], counts[counts > 0], width[counts > 0], align="edge", color="gray", edgecolor="black")
-    axc.set_yscale("log")  # empty bins are left out instead of drawn at a symlog 0 beside 10^0
-    axc.set_ylim(0.8, max(counts.max(), 1) * 2)
-    axc.set_ylabel("views per bin")
+    _legend_beside(ax)
+    axc.bar(lo[seen], counts[seen], width[seen], align="edge", color="gray", edgecolor="black", lw=0.8)
+    _count_axis(axc, "y", counts)
+    for b in range(len(bins)):  # every bin's count, 0 included: an empty bin is not a missing one
+        axc.annotate(f"{counts[b]:,}", (lo[b] + width[b] / 2, max(counts[b], axc.get_ylim()[0])),
+                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=6.5,
+                     color="black" if counts[b] else "gray")
+    axc.set_ylabel("sample-views\nper bin")
     axc.set_xlabel(f"teacher max probability at τ={report['tau']:g}")
     axc.set_xlim(0, 1)
-    return _save(fig, path)
+    axc.set_xticks(np.linspace(0, 1, 6))
+    axc.set_xticks(np.append(lo, 1.0), minor=True)  # bin edges, unlabelled: their labels would collide
+    return fig
 
 
-def plot_pairs(report: dict[str, Any], path: Path) -> Path:
-    pairs = report["confused_pairs"][::-1]  # largest on top
+def pairs_figure(report: dict[str, Any]) -> plt.Figure:
+    pairs = report["confused_pairs"]
     fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.35 * max(len(pairs), 3)))
     if pairs:
         y = np.arange(len(pairs))
-        ax.barh(y, [p["count"] for p in pairs], color="#e45756")
+        ax.barh(y, [p["count"] for p in pairs], color=RED)
         ax.set_yticks(y, [f"{p['true']} → {p['predicted']}" for p in pairs])
+        ax.set_ylim(len(pairs) - 0.5, -0.5)  # largest on top, as the text report lists them
         for i, p in enumerate(pairs):
             ax.text(p["count"], i, f" {p['count']} ({p['share_of_true']:.1%} of {p['true']})",
                     va="center", fontsize=8)
         ax.set_xlim(0, max(p["count"] for p in pairs) * 1.35)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         ax.text(0.5, 0.5, "no confusions: the teacher's argmax equals the label on every view",
                 ha="center", va="center", transform=ax.transAxes)
         ax.set_yticks([])
+        ax.set_xticks([])
     ax.set_xlabel("sample-views with teacher argmax = predicted, label = true")
     ax.set_ylabel("true → predicted")
     ax.set_title(f"Teacher's most confused class pairs (top {len(pairs)})\n({_scope(report)})", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
-def plot_head(report: dict[str, Any], weight: np.ndarray, classes: tuple[str, ...], path: Path) -> Path:
+def head_figure(report: dict[str, Any], weight: np.ndarray, classes: tuple[str, ...]) -> plt.Figure:
     delta = weight - np.eye(len(classes))
     limit = float(np.abs(delta).max()) or 1.0
     n = len(classes)
@@ -193,7 +265,12 @@ def plot_head(report: dict[str, Any], weight: np.ndarray, classes: tuple[str, ..
     ax.set_title(f"Serial head FC_TS: W − I (diagonal mean {head['diag_mean']:.3f}, "
                  f"mean |off-diagonal| {head['offdiag_abs_mean']:.4f})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="W − I (0 = identity)")
-    return _save(fig, path)
+    return fig
+
+
+def _render(figure: Any, *args: Any) -> Any:
+    """A writer for ``write_files``: draw ``figure(*args)`` and save it to the path it is given."""
+    return lambda path: _save(figure(*args), path)
 
 
 def write_plots(report: dict[str, Any], plots_dir: Path, *, head_weight: np.ndarray | None,
@@ -202,11 +279,11 @@ def write_plots(report: dict[str, Any], plots_dir: Path, *, head_weight: np.ndar
     is rendered to a temporary name and the set is renamed into place only once every file is
     written, so a full disk leaves the previous plots as they were."""
     writers = {plots_dir / CSV_NAME: partial(write_csv, report)}
-    for name, fn in zip(PNG_NAMES, (plot_per_class, plot_histogram, plot_reliability, plot_pairs),
-                        strict=True):
-        writers[plots_dir / name] = partial(fn, report)
+    for name, figure in zip(PNG_NAMES, (per_class_figure, histogram_figure, reliability_figure,
+                                        pairs_figure), strict=True):
+        writers[plots_dir / name] = _render(figure, report)
     if head_weight is not None:
-        writers[plots_dir / HEAD_PNG] = partial(plot_head, report, head_weight, classes)
+        writers[plots_dir / HEAD_PNG] = _render(head_figure, report, head_weight, classes)
     return write_files(writers, rerun="aekt inspect")
 
 
@@ -235,9 +312,7 @@ def format_text(report: dict[str, Any], max_rows: int = 20) -> str:
              "", "per class, sorted by mean p_t" + (f" (lowest and highest {max_rows // 2})"
                                                       if len(report["per_class"]) > max_rows else "") + ":",
              f"  {'class':<16}{'views':>7}{'mean_pt':>9}{'q10':>7}{'q50':>7}{'q90':>7}{'acc':>8}{'ntH':>7}"]
-    per_class = sorted(report["per_class"], key=lambda r: r["mean_pt"])
-    if len(per_class) > max_rows:
-        per_class = per_class[:max_rows // 2] + per_class[-max_rows // 2:]
+    per_class, _ = class_rows(report["per_class"], max_rows)
     lines += [f"  {r['class'][:15]:<16}{r['count']:>7}{r['mean_pt']:>9.4f}{r['q10']:>7.3f}{r['q50']:>7.3f}"
               f"{r['q90']:>7.3f}{_pct(r['accuracy']):>8}{r['nt_entropy']:>7.3f}" for r in per_class]
     lines += ["", "most confused (teacher argmax != label, over views):"]

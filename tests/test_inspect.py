@@ -8,6 +8,7 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,17 @@ from pipeline.inspect_cache import (
     top_offdiagonal,
     view_agreement,
 )
-from pipeline.inspect_plots import CSV_NAME, HEAD_PNG, PNG_NAMES, format_text, write_plots
+from pipeline.inspect_plots import (
+    CSV_NAME,
+    HEAD_PNG,
+    PNG_NAMES,
+    format_text,
+    histogram_figure,
+    pairs_figure,
+    per_class_figure,
+    reliability_figure,
+    write_plots,
+)
 from pipeline.models import build_model
 from stages.inspect import main as inspect_cli
 
@@ -310,3 +321,136 @@ def test_many_classes_plot_shows_extremes(tmp_path: Path) -> None:
     paths = write_plots(report, tmp_path, head_weight=None, classes=classes)
     assert [p.name for p in paths] == [CSV_NAME, *PNG_NAMES]
     assert len((tmp_path / CSV_NAME).read_text().splitlines()) == 101
+
+
+# ---- what the PNGs show ---------------------------------------------------------------------------
+def synthetic_report(num_classes: int, *, counts: int = 1) -> dict:
+    """A report with ``num_classes`` classes and ``counts`` as the size of every count (1: tiny)."""
+    rng = np.random.default_rng(0)
+    classes = [f"class_{c:03d}" for c in range(num_classes)]
+    per_class = [{"class": name, "index": c, "count": 5, "mean_pt": float(m), "q10": float(m) / 2,
+                  "q50": float(m), "q90": min(1.0, float(m) * 1.1), "accuracy": float(m), "nt_entropy": 1.0}
+                 for c, (name, m) in enumerate(zip(classes, rng.uniform(0.1, 0.9, num_classes), strict=True))]
+    conf = rng.uniform(0, 1, 30 * counts)
+    return {"dataset": "synthetic", "teacher_arch": "none", "sample_views": 30 * counts, "tau": 1.0,
+            "per_class": per_class, "target_confidence": {"mean": 0.5, "q50": 0.5},
+            "confidence_histogram": {"edges": np.linspace(0, 1, 21).tolist(),
+                                     "correct": [counts * (i % 3) for i in range(20)], "wrong": [counts] * 20},
+            "reliability": reliability(conf, rng.uniform(0, 1, len(conf)) > 0.5),
+            "confused_pairs": [{"true": classes[i], "predicted": classes[i + 1], "count": counts * (3 - i),
+                                "share_of_true": 0.1} for i in range(3)]}
+
+
+def top_to_bottom_labels(fig: plt.Figure) -> list[str]:
+    """The y tick labels of the figure's first axes as a reader sees them, top to bottom."""
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ticks = [(ax.transData.transform((1, y))[1], t.get_text())
+             for y, t in zip(ax.get_yticks(), ax.get_yticklabels(), strict=True)]
+    return [text for _, text in sorted(ticks, reverse=True)]
+
+
+def text_table_classes(text: str) -> list[str]:
+    """The class column of the text report's per-class table, top to bottom."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("per class, sorted by mean p_t")) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.strip():
+            return rows
+        rows.append(line.split()[0])
+    return rows
+
+
+def test_per_class_plot_lists_classes_in_the_text_order(built: dict[str, Path]) -> None:
+    report = inspect_store(store_path=built["store"], manifest_path=built["manifest"],
+                           shards_dir=built["shards"])
+    report["plots"] = []
+    text_order = text_table_classes(format_text(report))
+    assert len(text_order) == 10 and text_order == [r["class"] for r in
+                                                    sorted(report["per_class"], key=lambda r: r["mean_pt"])]
+    fig = per_class_figure(report)
+    try:
+        assert top_to_bottom_labels(fig) == text_order
+        assert fig.axes[0].get_xscale() == "logit"  # 0.9, 0.99, 0.999 evenly spaced
+    finally:
+        plt.close(fig)
+    # Above 60 classes the PNG shows the 30 lowest and highest, the text the 10 lowest and highest:
+    # the text's rows appear in the PNG in the same order.
+    many = synthetic_report(100)
+    fig = per_class_figure(many)
+    try:
+        shown = top_to_bottom_labels(fig)
+    finally:
+        plt.close(fig)
+    ranked = [r["class"] for r in sorted(many["per_class"], key=lambda r: r["mean_pt"])]
+    assert shown == ranked[:30] + ranked[-30:]
+    text_rows = text_table_classes(format_text({**report, "per_class": many["per_class"]}))
+    assert text_rows == ranked[:10] + ranked[-10:]
+    assert [c for c in shown if c in text_rows] == text_rows
+
+
+def _integer_tick_labels(ax: plt.Axes, which: str) -> list[int]:
+    """The labelled major ticks of a count axis inside its view, as integers (fails on 0.5, 2.5, ...)."""
+    axis = getattr(ax, f"{which}axis")
+    lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+    labels = [t.get_text().replace(",", "") for t, v in zip(axis.get_ticklabels(), axis.get_majorticklocs(),
+                                                            strict=True) if lo <= v <= hi and t.get_text()]
+    assert labels, f"no labelled ticks on the {which} axis"
+    assert all(v == int(v) for v in axis.get_majorticklocs() if lo <= v <= hi)
+    return [int(text) for text in labels]
+
+
+@pytest.mark.parametrize("counts", [1, 1000])
+def test_count_axes_have_integer_ticks(counts: int) -> None:
+    report = synthetic_report(10, counts=counts)
+    figures = {"histogram": (histogram_figure(report), 0, "y"), "reliability": (reliability_figure(report), 1, "y"),
+               "pairs": (pairs_figure(report), 0, "x")}
+    try:
+        for name, (fig, index, which) in figures.items():
+            fig.canvas.draw()
+            ticks = _integer_tick_labels(fig.axes[index], which)
+            assert len(ticks) >= 2, (name, ticks)
+    finally:
+        for fig, _, _ in figures.values():
+            plt.close(fig)
+
+
+def _overlaps(a, b) -> bool:  # two display bounding boxes
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_reliability_bar_top_is_accuracy_and_every_bin_is_labelled(built: dict[str, Path]) -> None:
+    report = inspect_store(store_path=built["store"], manifest_path=built["manifest"],
+                           shards_dir=built["shards"], tau=2.0)
+    bins = report["reliability"]["bins"]
+    fig = reliability_figure(report)
+    try:
+        fig.canvas.draw()
+        ax, counts_ax = fig.axes
+        renderer = fig.canvas.get_renderer()
+        legend = ax.get_legend()
+        assert not _overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+        names = [t.get_text() for t in legend.get_texts()]
+        assert any("accuracy" in n for n in names) and any("confidence" in n for n in names)
+        assert any("gap" in n for n in names) and any("calibration" in n for n in names)
+        seen = [b for b in bins if b["count"]]
+        accuracy_bars, gap_bars = ax.containers
+        assert [r.get_height() for r in accuracy_bars] == pytest.approx([b["accuracy"] for b in seen])
+        for bar, gap, b in zip(accuracy_bars, gap_bars, seen, strict=True):
+            # The gap has a strip of its own: it never covers the accuracy bar's top.
+            assert gap.get_x() >= bar.get_x() + bar.get_width() - 1e-12
+            assert gap.get_y() == pytest.approx(min(b["accuracy"], b["confidence"]))
+            assert gap.get_y() + gap.get_height() == pytest.approx(max(b["accuracy"], b["confidence"]))
+        # Every bin's count is written under it, empty bins as 0.
+        assert [t.get_text() for t in counts_ax.texts] == [f"{b['count']:,}" for b in bins]
+    finally:
+        plt.close(fig)
+    fig = histogram_figure(report)
+    try:  # the histogram's legend sits beside the bars, never over the tallest
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        renderer = fig.canvas.get_renderer()
+        assert not _overlaps(ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer))
+    finally:
+        plt.close(fig)
