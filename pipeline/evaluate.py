@@ -92,7 +92,7 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
                       image_size=aug.size, aug_seed=aug.seed, views=1, train=False)
     device = inference_device(cfg.device, "params.yaml eval.device")
     logits, labels = predict(model.to(device), ShardStream(spec), device=device, batch_size=cfg.batch_size,
-                             workers=cfg.workers, norm=Normalization.from_card(card))
+                             workers=cfg.workers, norm=Normalization.from_card(card), desc="evaluate student")
     model.cpu()
     classes = list(manifest.classes)
     report = {"model": str(model_path), "arch": card["arch"], **accuracy_report(logits, labels, classes,
@@ -101,7 +101,7 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
         teacher, t_card = load_model(teacher_path)
         t_logits, t_labels = predict(teacher.to(device), ShardStream(spec), device=device,
                                      batch_size=cfg.batch_size, workers=cfg.workers,
-                                     norm=Normalization.from_card(t_card))
+                                     norm=Normalization.from_card(t_card), desc="evaluate teacher")
         teacher.cpu()
         assert (t_labels == labels).all()  # one deterministic stream: same samples, same order
         report["teacher_top1"] = float((t_logits.argmax(1) == labels).mean())

@@ -13,8 +13,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
+from typing import Any
 
 from tqdm import tqdm
 
@@ -77,6 +78,14 @@ class Progress:
         elif now - self.last >= self.every and self.done < self.total:
             self.last = now
             self.log.info("%s", self.line(now))
+
+    def wrap(self, items: Iterable, units: Callable[[Any], int] | None = None) -> Iterator:
+        """Yield ``items``, counting ``units(item)`` units each (default 1) once it is handled;
+        closes at the end."""
+        with self:
+            for item in items:
+                yield item
+                self.update(1 if units is None else units(item))
 
     def fraction(self) -> float:
         return min(1.0, self.done / self.total) if self.total else 1.0

@@ -271,13 +271,16 @@ def epoch_row(term_sums: dict[str, Any], stat_sums: dict[str, Any], grad_sums: d
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device, batch_size: int,
-            norm: augment.Normalization, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            norm: augment.Normalization, workers: int = 0, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``[n, C]`` (z_cls for a DistillStudent) and labels ``[n]`` of this rank's shards;
-    ``norm`` is the model's input normalisation."""
+    ``norm`` is the model's input normalisation; ``desc`` names the pass in progress records."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for batch in build_loader(stream, batch_size, workers, device.type == "cuda"):
+    bar = Progress(stream.num_samples(), desc or "predict", "img", main=desc is not None and is_main_process(),
+                   logger=log)
+    for batch in bar.wrap(build_loader(stream, batch_size, workers, device.type == "cuda"),
+                          units=lambda b: len(b["label"])):
         out = model(norm(batch["image"].to(device)))
         logits.append((out[0] if isinstance(out, tuple) else out).float().cpu())
         labels.append(batch["label"])

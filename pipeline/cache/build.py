@@ -108,7 +108,7 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
             teacher.to(memory_format=torch.channels_last)
         written = write_items(store, source, teacher, mine, cfg, aug, norm=augment.Normalization.from_card(card),
                               device=accelerator.device,
-                              progress=progress and main)
+                              progress=progress, main=main)
         accelerator.wait_for_everyone()
     seconds = time.perf_counter() - start
     samples = sum(prov.shard_range(s)[1] - prov.shard_range(s)[0] for _, s in mine)

@@ -23,6 +23,7 @@ from pipeline.cache.store import CacheError, LogitStore
 from pipeline.cache.writer import ShardSource, augment_views, teacher_logits
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     fresh_all, stored_all, where, bad_params = [], [], [], []
     norm = augment.Normalization.from_card(card)  # the teacher's own input normalisation
     per_row = max(1, samples // len(picked))
-    for view, shard in picked:
+    for view, shard in Progress(len(picked), "verify-cache rows", "row", logger=log).wrap(picked):
         keys, images, labels, indices = source.load(int(shard))
         rows = rng.choice(len(keys), size=min(per_row, len(keys)), replace=False)
         stored, params = store.read_row(int(view), int(shard), labels)

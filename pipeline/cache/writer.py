@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore, Provenance
 from pipeline.cache.store_folder import refuse_to_replace
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest, decode_image
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,10 @@ def _finish_item(store: LogitStore, item: dict, logits: np.ndarray) -> None:
                          "cache.mixed_precision. No done marker was written for this shard.")
     arrays = store.codec.encode(logits, item["labels"])
     try:
+        # The labels come from the shard `load` checked against its sha256; written once per shard,
+        # before its first done marker, so a finished row always has its labels in the store.
+        if store.has_labels and not store.labels_written(item["shard"]):
+            store.write_labels(item["shard"], item["labels"])
         store.write_row(item["view"], item["shard"], arrays, item["params"])
         store.mark_done(item["view"], item["shard"])
     except OSError as err:  # disk full, file-size limit, I/O error
@@ -167,14 +171,16 @@ def _finish_item(store: LogitStore, item: dict, logits: np.ndarray) -> None:
 
 def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module,
                 items: list[tuple[int, int]], cfg: CacheConfig, aug: AugmentConfig, *,
-                norm: augment.Normalization, device: torch.device, progress: bool = True) -> int:
+                norm: augment.Normalization, device: torch.device, progress: bool = True,
+                main: bool = True) -> int:
     """Compute and write ``items``; encoding + writing runs on a thread, off the teacher's path."""
     loader = DataLoader(_ViewItems(source, items, aug), batch_size=None, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     pending: list[Future] = []
     done = 0
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for item in tqdm(loader, total=len(items), disable=not progress, desc="cache", unit="shard"):
+        for item in Progress(len(items), "cache (view, shard) rows", "row", bar=progress, main=main,
+                             logger=log).wrap(loader):
             # The DataLoader turns numpy arrays into tensors; the store wants numpy.
             item["params"], item["labels"] = np.asarray(item["params"]), np.asarray(item["labels"])
             logits = teacher_logits(teacher, item["images"], norm, batch_size=cfg.batch_size,
@@ -191,9 +197,14 @@ def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module
 
 
 def pending_items(store: LogitStore) -> list[tuple[int, int]]:
-    """Rows without a done marker, and marked rows whose chunk files are missing (rewritten)."""
+    """Rows without a done marker, and marked rows whose chunk files (or their shard's labels chunk)
+    are missing (rewritten)."""
     mask = store.marked_rows()
-    for view, shard, name in store.missing_chunks(mask):
+    missing = store.missing_chunks(mask)
+    if store.has_labels:  # one stat per shard with a marker
+        unlabelled = [int(s) for s in np.flatnonzero(mask.any(axis=0)) if not store.labels_written(int(s))]
+        missing += [(int(v), s, "labels") for s in unlabelled for v in np.flatnonzero(mask[:, s])]
+    for view, shard, name in missing:
         if mask[view, shard]:
             log.warning("%s: '%s' chunk of view %d, shard %d is missing although the row is marked "
                         "done; rewriting the row", store.path, name, view, shard)

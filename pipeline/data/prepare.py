@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.config import DataConfig
 from pipeline.data.images import encode_png, verify_for_storage
@@ -33,6 +32,7 @@ from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.samples import DataError, ImageDecodeError, RawItem, Sample, make_key
 from pipeline.data.shards import shard_bytes, shard_name
 from pipeline.data.sources import SourcePlan, open_source
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels:
         buffer.clear()
 
     started = time.perf_counter()
-    results = tqdm(_encoded(items, channels, pool, cfg.workers), total=len(items),
-                   desc=f"{cfg.name}/{split}", unit="img", disable=not progress)
+    results = Progress(len(items), f"prepare {cfg.name}/{split}", "img", bar=progress, logger=log).wrap(
+        _encoded(items, channels, pool, cfg.workers))
     index = 0
     for item, result in zip(items, results, strict=True):
         if isinstance(result, str):
