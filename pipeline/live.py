@@ -26,20 +26,42 @@ import torch
 log = logging.getLogger(__name__)
 
 POINTS_PER_EPOCH = 20  # step-level points per epoch: enough to see a spike, cheap in host syncs
+Point = tuple[int, dict[str, float], int]  # (optimizer step, sums over the window, samples in it)
 
 
-def gather_sums(sums: dict[str, float], world: int) -> dict[str, float]:
-    """Key-wise sum of every rank's ``sums`` (a rank with no batches contributes an empty dict).
-    A collective: every rank must call it, the same number of times."""
-    if world == 1:
-        return dict(sums)
-    parts: list[Any] = [None] * world
-    torch.distributed.all_gather_object(parts, sums)
+def sum_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise sum of every rank's sums (a rank with no batches contributes an empty dict)."""
     total: dict[str, float] = {}
     for part in parts:
         for key, value in part.items():
             total[key] = total.get(key, 0.0) + value
     return total
+
+
+def merge_points(ranks: list[list[Point]]) -> list[tuple[int, dict[str, float]]]:
+    """Window by window, the mean over every rank's samples: ``(step, {name: mean})``, at the first
+    (main) rank's step. Ranks step together, so window i covers the same steps on each; a rank with
+    fewer batches ends with a shorter window or none."""
+    out = []
+    for i in range(max((len(r) for r in ranks), default=0)):
+        here = [r[i] for r in ranks if i < len(r)]
+        n = sum(count for _, _, count in here)
+        total = sum_parts([sums for _, sums, _ in here])
+        out.append((here[0][0], {k: v / n for k, v in total.items()}))
+    return out
+
+
+def all_ranks(value: Any, world: int) -> list[Any]:
+    """``value`` of every rank (a collective: every rank must call it, the same number of times)."""
+    if world == 1:
+        return [value]
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, value)
+    return parts
+
+
+def gather_sums(sums: dict[str, float], world: int) -> dict[str, float]:
+    return sum_parts(all_ranks(sums, world))
 
 
 @dataclass
@@ -49,7 +71,7 @@ class StepSeries:
     every: int
     window: dict[str, torch.Tensor] = field(default_factory=dict)  # summed on the device
     count: int = 0
-    points: list[tuple[int, dict[str, float], int]] = field(default_factory=list)  # (step, sums, n)
+    points: list[Point] = field(default_factory=list)
 
     @classmethod
     def for_epoch(cls, steps: int) -> StepSeries:
@@ -60,7 +82,7 @@ class StepSeries:
             self.window[key] = self.window.get(key, 0) + value.detach() * n
         self.count += n
 
-    def close_window(self, global_step: int, extra: dict[str, float]) -> tuple[int, dict[str, float], int] | None:
+    def close_window(self, global_step: int, extra: dict[str, float]) -> Point | None:
         """End the window at ``global_step`` (one host sync); ``extra`` values are per point, not summed."""
         if not self.count:
             return None
@@ -72,19 +94,8 @@ class StepSeries:
         return point
 
     def merged(self, world: int) -> list[tuple[int, dict[str, float]]]:
-        """Every rank's points, window by window, as means over all ranks' samples (a collective)."""
-        if world == 1:
-            ranks = [self.points]
-        else:
-            ranks = [None] * world
-            torch.distributed.all_gather_object(ranks, self.points)
-        out = []
-        for i in range(max(len(r) for r in ranks)):
-            here = [r[i] for r in ranks if i < len(r)]
-            n = sum(p[2] for p in here)
-            keys = here[0][1]
-            out.append((here[0][0], {k: sum(p[1].get(k, 0.0) for p in here) / n for k in keys}))
-        return out
+        """Every rank's points as means over all ranks' samples (a collective when world > 1)."""
+        return merge_points(all_ranks(self.points, world))
 
 
 class LiveLog:
