@@ -149,16 +149,25 @@ def shard_labels(manifest: Manifest, shards_dir: Path, shard: int, start: int, e
 
 
 def read_views(store: LogitStore, manifest: Manifest, shards_dir: Path, *, done: np.ndarray,
-               views: list[int], shards: list[int], tau: float) -> CachedViews:
+               views: list[int], shards: list[int], tau: float) -> tuple[CachedViews, dict[str, int]]:
     """Decode the rows of ``views`` × ``shards`` marked in ``done`` ``[V, n_shards]`` (one shard's
-    labels serve all its views)."""
+    labels serve all its views). Labels come from the store (written there before the shard's first
+    done marker); a store without them (schema 1) falls back to reading each shard. Also returns how
+    many shards' labels came from each source."""
     parts: list[dict[str, np.ndarray]] = []
+    sources = {"store": 0, "shards": 0}
     for shard in shards:
         todo = [v for v in views if done[v, shard]]
         if not todo:
             continue
         start, end = store.provenance.shard_range(shard)
-        labels = shard_labels(manifest, shards_dir, shard, start, end)
+        labels, source = store.read_labels(shard), "store"
+        if labels is None:
+            if store.has_labels:  # written before every marker: only a damaged store lacks it
+                log.warning("%s: the labels chunk of shard %d is missing; reading the shard instead (rerun "
+                            "`aekt cache` to rewrite it)", store.path, shard)
+            labels, source = shard_labels(manifest, shards_dir, shard, start, end), "shards"
+        sources[source] += 1
         for v in todo:
             logits, _ = store.read_row(v, shard, labels)  # [n, C]
             parts.append({"view": np.full(end - start, v), "index": np.arange(start, end),
@@ -166,7 +175,7 @@ def read_views(store: LogitStore, manifest: Manifest, shards_dir: Path, *, done:
     if not parts:
         raise CacheError(f"{store.path}: no finished (view, shard) rows among views {views}; run "
                          "`aekt cache` (or wait for it) first.")
-    return CachedViews(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return CachedViews(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}), sources
 
 
 def resolve_classes(selected: list[str], classes: tuple[str, ...]) -> list[int]:
@@ -287,7 +296,8 @@ def inspect_store(*, store_path: Path, manifest_path: Path, shards_dir: Path, ta
     done = store.done_mask()
     use_views = sorted(set(views)) or list(range(prov.views))
     shards = pick_shards(prov.num_shards, max_shards)
-    data = read_views(store, manifest, Path(shards_dir), done=done, views=use_views, shards=shards, tau=tau)
+    data, label_sources = read_views(store, manifest, Path(shards_dir), done=done, views=use_views,
+                                     shards=shards, tau=tau)
     if picked:
         data = data.subset(np.isin(data.label, picked))
         if not len(data.label):
@@ -300,6 +310,7 @@ def inspect_store(*, store_path: Path, manifest_path: Path, shards_dir: Path, ta
               "codec": prov.codec, "num_classes": prov.num_classes,
               "rows": {"done": int(done.sum()), "total": int(done.size), "read": rows_read,
                        "complete": bool(done.all())},
+              "labels_from": label_sources,
               "views": use_views, "classes": [manifest.classes[c] for c in picked] or None,
               "max_shards": max_shards, **teacher}
     weight = None

@@ -300,6 +300,7 @@ def format_text(report: dict[str, Any], max_rows: int = 20) -> str:
              f"read {rows['read']} rows: {report['sample_views']:,} sample-views of {report['samples']:,} "
              f"samples, views {report['views']}"
              + (f", classes {', '.join(report['classes'])}" if report["classes"] else ""),
+             _labels_line(report["labels_from"]),
              f"teacher accuracy on cached views: {report['accuracy']:.2%}",
              f"target confidence p_t at tau={report['tau']:g}: mean {tc['mean']:.4f}  q10 {tc['q10']:.4f}  "
              f"q50 {tc['q50']:.4f}  q90 {tc['q90']:.4f}",
@@ -322,6 +323,14 @@ def format_text(report: dict[str, Any], max_rows: int = 20) -> str:
     if report.get("plots"):
         lines += ["", "wrote " + ", ".join(report["plots"])]
     return "\n".join(lines)
+
+
+def _labels_line(sources: dict[str, int]) -> str:
+    if not sources["shards"]:
+        return f"labels: from the store ({sources['store']} shards; no shard file read)"
+    why = ("the store predates stored labels (schema 1; a store built by `aekt cache` now holds them)"
+           if not sources["store"] else f"{sources['store']} from the store, the rest's labels chunks are missing")
+    return f"labels: read from {sources['shards']} shard files, each checked against its sha256 — {why}"
 
 
 def _student_lines(student: dict[str, Any] | None) -> list[str]:

@@ -9,7 +9,10 @@ from typing import Any
 from pipeline.cache.codecs import CODEC_NAMES, Codec, make_codec
 from pipeline.cache.errors import CacheError
 
-SCHEMA_VERSION = 1
+# 2: the store also holds every training sample's label (`labels`); 1: it does not (readers then
+# take the labels from the shards). Both are read; new stores are written as 2.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,11 @@ class Provenance:
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> Provenance:
         """Validate the stored attrs against the schema (types, ranges) before anything uses them."""
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise CacheError(f"{where}: schema_version {attrs.get('schema_version')!r} is not "
-                             f"{SCHEMA_VERSION}; rebuild the store with `aekt cache --rebuild`.")
+        version = attrs.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_SCHEMAS:
+            raise CacheError(f"{where}: schema_version {version!r} is not "
+                             f"{' or '.join(map(str, READABLE_SCHEMAS))}; rebuild the store with "
+                             "`aekt cache --rebuild`.")
         raw = attrs.get("provenance")
         if not isinstance(raw, dict):
             raise CacheError(f"{where}: attrs have no 'provenance' mapping; not a logit store written "

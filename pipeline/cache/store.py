@@ -2,15 +2,19 @@
 
 Layout of ``cache/<dataset>-<teacher>.zarr``::
 
-    zarr.json            attrs: {"schema_version": 1, "provenance": {...}}
+    zarr.json            attrs: {"schema_version": 2, "provenance": {...}}
     <codec arrays>/      e.g. logits (V, N, C) float16 for fp16, chunks (1, shard_size, C)
     params/              (V, N, P) float32 augmentation parameters, chunks (1, shard_size, P)
+    labels/              (N,) int32 label of every training sample, chunks (shard_size,); -1 = unwritten
     done/                (V, n_shards) uint8, chunks (1, 1): 1 once chunk row (v, shard) is complete
 
 Shards are contiguous index ranges of ``shard_size`` samples (the last may be shorter), so one
 shard is exactly one chunk row and two writers never share a chunk (DESIGN invariant 1). A done
 marker is written only after every array of its chunk row is written, so a killed writer leaves at
-worst a chunk that the rerun overwrites (invariant 5).
+worst a chunk that the rerun overwrites (invariant 5). A shard's labels chunk is written (from the
+shard the writer read and checked against its sha256) before the first done marker of that shard,
+so every finished row has its labels in the store, and `aekt inspect` need not read the shards.
+Stores of schema 1 (written before labels were stored) have no ``labels``; they are still read.
 """
 
 from __future__ import annotations
@@ -72,9 +76,10 @@ class LogitStore:
         return [*self.codec.fields(self.provenance.num_classes), "params"]
 
     def chunk_key(self, name: str, view: int, shard: int) -> str:
-        """Store key of the chunk of array ``name`` that holds row (view, shard)."""
+        """Store key of the chunk of array ``name`` that holds row (view, shard) (``labels`` has no
+        view axis: its chunk of ``shard``)."""
         arr = self.array(name)
-        coords = (view, shard, *([0] * (arr.ndim - 2)))
+        coords = (shard,) if arr.ndim == 1 else (view, shard, *([0] * (arr.ndim - 2)))
         return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"
 
     # ---- opening -------------------------------------------------------------------------------
@@ -113,6 +118,7 @@ class LogitStore:
                                dtype=spec.dtype, compressors=comp, fill_value=0)
         group.create_array("params", shape=(v, n, prov.num_params), chunks=(1, s, prov.num_params),
                            dtype="float32", compressors=comp, fill_value=0)
+        group.create_array("labels", shape=(n,), chunks=(s,), dtype="int32", compressors=comp, fill_value=-1)
         # One uncompressed one-byte chunk per marker: each (view, shard) marker is its own object.
         group.create_array("done", shape=(v, prov.num_shards), chunks=(1, 1), dtype="uint8",
                            compressors=None, fill_value=0)
@@ -134,6 +140,8 @@ class LogitStore:
                   for name, spec in self.codec.fields(prov.num_classes).items()}
         wanted["params"] = ((prov.views, prov.num_samples, prov.num_params), "float32")
         wanted["done"] = ((prov.views, prov.num_shards), "uint8")
+        if self.has_labels:
+            wanted["labels"] = ((prov.num_samples,), "int32")
         rebuild = "the store is damaged — rebuild it with `aekt cache --rebuild`"
         for name, (shape, dtype) in wanted.items():
             try:
@@ -147,7 +155,7 @@ class LogitStore:
             if tuple(arr.shape) != shape or arr.dtype != np.dtype(dtype):
                 raise CacheError(f"{self.path}/{name}: {arr.dtype} {tuple(arr.shape)} does not match "
                                  f"the provenance's {dtype} {shape}; {rebuild}.")
-            if name != "done" and arr.chunks[1] != prov.shard_size:
+            if name != "done" and arr.chunks[min(1, arr.ndim - 1)] != prov.shard_size:
                 raise CacheError(f"{self.path}/{name}: chunks {arr.chunks} are not aligned to "
                                  f"shard_size {prov.shard_size}; {rebuild}.")
 
@@ -212,6 +220,37 @@ class LogitStore:
 
     def mark_done(self, view: int, shard: int) -> None:
         self.array("done")[view, shard] = 1
+
+    # ---- labels (schema 2) ---------------------------------------------------------------------
+    @property
+    def has_labels(self) -> bool:
+        """Whether the store holds the training labels: schema 2 (``open`` checks the array is there);
+        a schema-1 store does not."""
+        return self.group.attrs["schema_version"] >= 2
+
+    def labels_written(self, shard: int) -> bool:
+        """Whether shard ``shard``'s labels chunk exists (a stat: zarr writes a chunk file whole)."""
+        return self.has_labels and os.path.isfile(self.path / self.chunk_key("labels", -1, shard))
+
+    def write_labels(self, shard: int, labels: np.ndarray) -> None:
+        start, end = self.provenance.shard_range(shard)
+        self.array("labels")[start:end] = labels
+
+    def read_labels(self, shard: int) -> np.ndarray | None:
+        """int64 labels ``[n]`` of shard ``shard``, or None when the store does not hold them (schema 1,
+        or a missing labels chunk): the caller then reads the shard."""
+        if not self.labels_written(shard):
+            return None
+        start, end = self.provenance.shard_range(shard)
+        try:
+            labels = np.asarray(self.array("labels")[start:end], dtype=np.int64)
+        except Exception as err:  # zarr/numcodecs raise many types for a chunk that does not decode
+            raise CacheError(f"{self.path}: cannot read the labels of shard {shard}: "
+                             f"{type(err).__name__}: {err}; {_DELETE}.") from err
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= self.provenance.num_classes:
+            raise CacheError(f"{self.path}: the labels of shard {shard} hold values outside 0.."
+                             f"{self.provenance.num_classes - 1}; {_DELETE}.")
+        return labels
 
     # ---- chunk rows ----------------------------------------------------------------------------
     def write_row(self, view: int, shard: int, arrays: dict[str, np.ndarray], params: np.ndarray) -> None:

@@ -4,9 +4,9 @@
 models``, ``--store cache``, ``--store .``) must never cost the user a file, so a folder counts as a
 store only when its ``zarr.json`` carries the attrs `aekt cache` writes (``schema_version`` and
 ``provenance``; their values may be damaged — that is what a rebuild is for) and everything in it is
-something the store code writes: that ``zarr.json``, the codec arrays, ``params`` and ``done``, each
-holding its own ``zarr.json`` and chunk files named by chunk coordinates under ``c/``, plus the
-``*.<uuid>.partial`` temporary files zarr's atomic writes leave behind when killed.
+something the store code writes: that ``zarr.json``, the codec arrays, ``params``, ``done`` and
+``labels``, each holding its own ``zarr.json`` and chunk files named by chunk coordinates under
+``c/``, plus the ``*.<uuid>.partial`` temporary files zarr's atomic writes leave behind when killed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pipeline.cache.codecs import CODEC_NAMES, make_codec
 from pipeline.cache.errors import CacheError
 
 # Any codec's arrays: the store being replaced may have been built with another codec.
-STORE_ARRAYS = frozenset({"params", "done"}.union(*(make_codec(c).fields(2) for c in CODEC_NAMES)))
+STORE_ARRAYS = frozenset({"params", "done", "labels"}.union(*(make_codec(c).fields(2) for c in CODEC_NAMES)))
 _PARTIAL = re.compile(r".*\.[0-9a-f]{32}\.partial")  # zarr's _atomic_write temp name
 _COORD = re.compile(r"\d+")
 _MAX_METADATA_BYTES = 1 << 20  # our group zarr.json is a few KB
