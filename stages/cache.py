@@ -26,8 +26,7 @@ from stages.common import (
 @click.option("--rebuild", is_flag=True,
               help="Rebuild the store if it was built from other inputs (default: refuse).")
 @click.option("--summary", default=None, type=click.Path(dir_okay=False),
-              show_default="not written",
-              help="JSON summary to write (work items, seconds, bytes on disk).")
+              help="JSON summary to write (work items, seconds, bytes on disk); by default none is written.")
 @NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -9,7 +10,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +18,91 @@ import click
 
 PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
                              type=click.Path(dir_okay=False), help="Params file whose sections configure this stage.")
-# Options several stages share, spelled once so their defaults and help cannot drift apart.
-MANIFEST_OPTION = click.option("--manifest", "manifest_path", required=True,
-                               type=click.Path(exists=True, dir_okay=False),
-                               help="Dataset manifest written by `aekt prepare` (shard names, sample counts, sha256, "
-                                    "classes), e.g. manifests/digits.json.")
+
+# A path left out on the command line is the one dvc.yaml passes: dvc.yaml names every file after
+# params.yaml's data.name (and the store after teacher.arch too). In a template, {data_name} and
+# {arch} are those two keys and {dataset} is the dataset the --manifest names (by default
+# manifests/<data.name>.json, so data.name again): another manifest brings its own shards and models.
+_SHOWN = {"dataset": "<dataset>", "data_name": "<data.name>", "arch": "<teacher.arch>"}
+_PATH_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # what config.py accepts for data.name
+
+
+def layout_default(template: str, written_by: str | None = None) -> dict[str, Any]:
+    """click.option keywords for a path that defaults to dvc.yaml's ``template``: --help shows it as
+    `[default: manifests/<data.name>.json]`, and a left-out option gets it filled from params.yaml.
+    ``written_by``: the path must be an existing file, which that command writes (checked here: as
+    the option's type, click.Path would check the shown template itself)."""
+    return {"default": template.format(**_SHOWN), "show_default": True,
+            "callback": functools.partial(_fill_layout, template, written_by)}
+
+
+def _fill_layout(template: str, written_by: str | None, ctx: click.Context, param: click.Parameter,
+                 value: Any) -> Any:
+    left_out = ctx.get_parameter_source(param.name or "") is click.core.ParameterSource.DEFAULT
+    if left_out:
+        value = template.format(**{key: _layout_field(ctx, param, key) for key in _SHOWN if f"{{{key}}}" in template})
+    if written_by is None:
+        return value
+    try:
+        return click.Path(exists=True, dir_okay=False).convert(value, param, ctx)
+    except click.BadParameter as err:
+        if left_out:
+            err.message += (f" ({param.opts[0]} was left out, so it is {template.format(**_SHOWN)} from "
+                            f"{ctx.params.get('params_path', 'params.yaml')}; run `{written_by}` first, or pass "
+                            f"{param.opts[0]} PATH.)")
+        raise
+
+
+def _layout_field(ctx: click.Context, param: click.Parameter, key: str) -> str:
+    if key == "dataset":
+        return _dataset_of(ctx) or _layout_field(ctx, param, "data_name")
+    if key == "data_name":
+        return _params_section(ctx, param, "data").name  # config.py checks that it is a file name
+    arch = _params_section(ctx, param, "teacher").arch
+    if not _PATH_PART.fullmatch(arch):
+        raise click.BadParameter(f"params.yaml teacher.arch {arch!r} cannot be part of a path; pass "
+                                 f"{param.opts[0]} PATH.", ctx, param)
+    return arch
+
+
+def _params_section(ctx: click.Context, param: click.Parameter, name: str) -> Any:
+    """Section ``name`` of the params file this command reads (--params is parsed first: it comes
+    first in every command, and an option given on the command line is parsed before a left-out one)."""
+    from pipeline.config import load_params, section
+
+    path = ctx.params.get("params_path", "params.yaml")
+    try:
+        with expected_failures():
+            return section(load_params(path), name)
+    except click.ClickException as err:
+        err.message += f" ({param.opts[0]} was left out and its default comes from {path}; or pass it.)"
+        raise
+
+
 def _dataset_of(ctx: click.Context) -> str | None:
-    """data.name as the manifest records it, when --manifest was given (dvc.yaml's per-dataset layout)."""
+    """The dataset the command's --manifest records. A --manifest given on the command line is
+    parsed before every left-out option; a left-out one is manifests/<data.name>.json anyway."""
     manifest = ctx.params.get("manifest_path")
     try:
         name = json.loads(Path(manifest).read_text()).get("dataset") if manifest else None
     except (OSError, ValueError, AttributeError):
         return None  # the stage reports an unreadable manifest itself, with the fix
-    return name if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else None
+    return name if isinstance(name, str) and _PATH_PART.fullmatch(name) else None
 
 
-def _per_dataset(template: str, fallback: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    def default(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
-        if value is not None:
-            return value
-        name = _dataset_of(ctx)
-        return template.format(name=name) if name else fallback
-    return default
-
-
-SHARDS_OPTION = click.option("--shards-dir", default=None, callback=_per_dataset("data/shards/{name}", "data/shards"),
-                             type=click.Path(file_okay=False),
-                             help="Folder of the WebDataset shards [default: data/shards/<the manifest's dataset>].")
-TEACHER_OPTION = click.option("--teacher", "teacher_path", default=None,
-                              callback=_per_dataset("models/{name}/teacher.safetensors", "models/teacher.safetensors"),
-                              type=click.Path(dir_okay=False),
-                              help="Teacher weights, its card beside them [default: models/<the manifest's "
-                                   "dataset>/teacher.safetensors].")
-STORE_OPTION = click.option("--store", "store_path", required=True, type=click.Path(file_okay=False),
-                            help="Zarr logit store written by `aekt cache`, e.g. cache/digits-digits_cnn.zarr.")
+# Options several stages share, spelled once so their defaults and help cannot drift apart.
+MANIFEST_OPTION = click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False),
+                               **layout_default("manifests/{data_name}.json", written_by="aekt prepare"),
+                               help="Dataset manifest written by `aekt prepare` (shard names, sample counts, "
+                                    "sha256, classes); <dataset> in the other defaults is the dataset it names.")
+SHARDS_OPTION = click.option("--shards-dir", type=click.Path(file_okay=False),
+                             **layout_default("data/shards/{dataset}"), help="Folder of the WebDataset shards.")
+TEACHER_OPTION = click.option("--teacher", "teacher_path", type=click.Path(dir_okay=False),
+                              **layout_default("models/{dataset}/teacher.safetensors"),
+                              help="Teacher weights written by `aekt teacher` (its card beside them).")
+STORE_OPTION = click.option("--store", "store_path", type=click.Path(file_okay=False),
+                            **layout_default("cache/{dataset}-{arch}.zarr"),
+                            help="Zarr logit store written by `aekt cache`.")
 NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 
 
@@ -113,18 +165,26 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        try:
+        with expected_failures():
             return func(*args, **kwargs)
-        except user_errors() as err:
-            if debug_enabled():
-                raise
-            raise click.ClickException(user_message(err)) from err
-        except OSError as err:
-            if debug_enabled():
-                raise
-            raise click.ClickException(os_error_message(err)) from err
 
     return wrapper
+
+
+@contextlib.contextmanager
+def expected_failures() -> Iterator[None]:
+    """User errors and OS errors become click's one-paragraph `Error: ...` (exit 1), or keep their
+    traceback under --debug."""
+    try:
+        yield
+    except user_errors() as err:
+        if debug_enabled():
+            raise
+        raise click.ClickException(user_message(err)) from err
+    except OSError as err:
+        if debug_enabled():
+            raise
+        raise click.ClickException(os_error_message(err)) from err
 
 
 def user_message(err: BaseException) -> str:

@@ -4,22 +4,23 @@ from pathlib import Path
 
 import click
 
-from stages.common import MANIFEST_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_sections, stage
+from stages.common import MANIFEST_OPTION, PARAMS_OPTION, SHARDS_OPTION, layout_default, read_sections, stage
 
 
 @click.command("evaluate")
 @PARAMS_OPTION
-@click.option("--model", "model_path", default="models/student.safetensors", show_default=True,
-              type=click.Path(dir_okay=False), help="Student weights written by `aekt student` (card beside them).")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False),
+              **layout_default("models/{dataset}/student.safetensors"),
+              help="Student weights written by `aekt student` (card beside them).")
 @MANIFEST_OPTION
 @SHARDS_OPTION
 @click.option("--metrics", default="metrics/eval.json", show_default=True, type=click.Path(dir_okay=False),
               help="Metrics JSON to write (top-1/top-5, teacher top-1 and agreement; a row of `dvc exp show`).")
 @click.option("--plots", "plots_dir", default="plots/eval", show_default=True, type=click.Path(file_okay=False),
               help="Folder to write per_class.csv, per_class.json and confusion.png into.")
-@click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False), show_default="not scored",
+@click.option("--teacher", "teacher_path", default=None, type=click.Path(dir_okay=False),
               help="Also score this teacher on the same test samples and report the student's top-1 "
-                   "agreement with it (teacher_agreement).")
+                   "agreement with it (teacher_agreement); by default the teacher is not scored.")
 @stage
 def main(params_path: str, model_path: str, manifest_path: str, shards_dir: str, metrics: str,
          plots_dir: str, teacher_path: str | None) -> None:

@@ -4,17 +4,17 @@ from pathlib import Path
 
 import click
 
-from stages.common import PARAMS_OPTION, read_sections, stage
+from stages.common import PARAMS_OPTION, layout_default, read_sections, stage
 
 
 @click.command("prepare")
 @PARAMS_OPTION
-@click.option("--shards-dir", default="data/shards", show_default=True, type=click.Path(file_okay=False),
+@click.option("--shards-dir", type=click.Path(file_okay=False), **layout_default("data/shards/{data_name}"),
               help="Folder the {split}-{i:05d}.tar WebDataset shards are written to (stale shards in it are "
                    "removed).")
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
-              help="Manifest JSON to write (shard names, sample counts, sha256, classes; committed to git), "
-                   "e.g. manifests/digits.json.")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False),
+              **layout_default("manifests/{data_name}.json"),
+              help="Manifest JSON to write (shard names, sample counts, sha256, classes; committed to git).")
 @stage
 def main(params_path: str, shards_dir: str, manifest_path: str) -> None:
     """Write the train/test shards and the manifest (counts, sha256, classes) for `data.source`."""

@@ -11,6 +11,7 @@ from stages.common import (
     SHARDS_OPTION,
     STORE_OPTION,
     TEACHER_OPTION,
+    layout_default,
     read_sections,
     stage,
 )
@@ -22,8 +23,8 @@ from stages.common import (
 @SHARDS_OPTION
 @TEACHER_OPTION
 @STORE_OPTION
-@click.option("--out", "model_out", default="models/student.safetensors", show_default=True,
-              type=click.Path(dir_okay=False),
+@click.option("--out", "model_out", type=click.Path(dir_okay=False),
+              **layout_default("models/{dataset}/student.safetensors"),
               help="Student weights (safetensors) to write, without the distillation head; its card goes "
                    "beside them as .json, the head as student-head.safetensors.")
 @click.option("--metrics", default="metrics/student.json", show_default=True, type=click.Path(dir_okay=False),
@@ -31,7 +32,7 @@ from stages.common import (
 @click.option("--history", default="plots/train.csv", show_default=True, type=click.Path(dir_okay=False),
               help="Per-epoch CSV to write (loss terms, gradient norms, w statistics, test top-1, speed; "
                    "for `dvc plots show`).")
-@click.option("--checkpoints", default="runs/student", show_default=True, type=click.Path(file_okay=False),
+@click.option("--checkpoints", type=click.Path(file_okay=False), **layout_default("runs/{dataset}/student"),
               help="Folder of resumable checkpoints (written every train.checkpoint_every epochs).")
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint.")
 @NO_PROGRESS_OPTION

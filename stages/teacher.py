@@ -4,15 +4,23 @@ from pathlib import Path
 
 import click
 
-from stages.common import MANIFEST_OPTION, NO_PROGRESS_OPTION, PARAMS_OPTION, SHARDS_OPTION, read_sections, stage
+from stages.common import (
+    MANIFEST_OPTION,
+    NO_PROGRESS_OPTION,
+    PARAMS_OPTION,
+    SHARDS_OPTION,
+    layout_default,
+    read_sections,
+    stage,
+)
 
 
 @click.command("teacher")
 @PARAMS_OPTION
 @MANIFEST_OPTION
 @SHARDS_OPTION
-@click.option("--out", "model_out", default="models/teacher.safetensors", show_default=True,
-              type=click.Path(dir_okay=False),
+@click.option("--out", "model_out", type=click.Path(dir_okay=False),
+              **layout_default("models/{dataset}/teacher.safetensors"),
               help="Teacher weights (safetensors) to write; its card (arch, classes, sha256) goes beside "
                    "them as .json.")
 @click.option("--metrics", default="metrics/teacher.json", show_default=True, type=click.Path(dir_okay=False),

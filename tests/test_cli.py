@@ -149,3 +149,109 @@ def test_every_value_option_says_its_default(name: str, command: click.Command) 
             continue
         record = param.get_help_record(ctx)
         assert record and "default" in record[1], f"aekt {name} {param.opts[0]}: the help hides the default"
+
+
+# ---- paths left out default to dvc.yaml's layout -------------------------------------------------
+
+LAYOUT_PARAMS = "data: {source: digits, name: mnistish}\nteacher: {arch: resnet56}\n"
+# Options of dvc.yaml's commands that params.yaml does not determine: everything else may be left out.
+NOT_FROM_PARAMS = {"teacher": {"--live", "--no-progress"}, "cache": {"--rebuild", "--summary", "--no-progress"},
+                   "student": {"--live", "--no-progress"}, "evaluate": {"--teacher"}, "inspect": {"--json-out"}}
+
+
+def _parsed(args: list[str]) -> dict:
+    """The values `aekt ARGS` would run with (options parsed, defaults filled), without running it."""
+    from stages.cli import main
+
+    command = main.commands[args[0]]
+    with command.make_context(args[0], args[1:]) as ctx:
+        return dict(ctx.params)
+
+
+def _dvc_commands(repo_root: Path) -> dict[str, list[str]]:
+    import shlex
+
+    import yaml
+
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    values = {"${data.name}": "mnistish", "${teacher.arch}": "resnet56"}
+    commands = {}
+    for name, spec in stages.items():
+        cmd = spec["cmd"]
+        for key, value in values.items():
+            cmd = cmd.replace(key, value)
+        assert "${" not in cmd, f"dvc.yaml {name}: the test does not know {cmd}"
+        args = shlex.split(cmd)
+        assert args[0] == "aekt", cmd
+        commands[name] = args[1:]
+    return commands
+
+
+def test_every_path_params_determine_defaults_to_dvc_yamls_layout(repo_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """For each command line of dvc.yaml (still valid as written): leaving out any option whose value
+    follows from params.yaml changes nothing, so `aekt student` alone is `dvc repro student`'s run."""
+    from stages.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(LAYOUT_PARAMS)
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests/mnistish.json").write_text('{"dataset": "mnistish"}')
+    for stage, args in _dvc_commands(repo_root).items():
+        full = _parsed(args)
+        needed = set()
+        for i, token in enumerate(args):
+            if not token.startswith("--"):
+                continue
+            option = next(p for p in main.commands[args[0]].params if token in getattr(p, "opts", ()))
+            shorter = args[:i] + args[i + (1 if option.is_flag else 2):]
+            if _parsed(shorter) != full:
+                needed.add(token)
+        assert needed == NOT_FROM_PARAMS.get(stage, set()), f"dvc.yaml {stage}: {needed}"
+
+
+def test_left_out_paths_follow_the_given_manifest_and_given_paths_win(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(LAYOUT_PARAMS)
+    (tmp_path / "other.json").write_text('{"dataset": "cifar10"}')
+    values = _parsed(["student", "--manifest", "other.json", "--out", "elsewhere/s.safetensors"])
+    paths = {"manifest_path": "other.json", "shards_dir": "data/shards/cifar10",
+             "teacher_path": "models/cifar10/teacher.safetensors", "store_path": "cache/cifar10-resnet56.zarr",
+             "model_out": "elsewhere/s.safetensors", "metrics": "metrics/student.json",
+             "history": "plots/train.csv", "checkpoints": "runs/cifar10/student"}
+    assert {key: values[key] for key in paths} == paths
+    assert _parsed(["prepare"]) == {"params_path": "params.yaml", "shards_dir": "data/shards/mnistish",
+                                    "manifest_path": "manifests/mnistish.json"}
+
+
+def test_help_shows_the_layout_defaults() -> None:
+    text = aekt_inproc(["student", "--help"], Path.cwd()).output
+    for shown in ("[default: manifests/<data.name>.json]", "[default: cache/<dataset>-<teacher.arch>.zarr]",
+                  "[default: models/<dataset>/student.safetensors]"):
+        assert shown in " ".join(text.split()), text
+
+
+@pytest.mark.parametrize(("params", "fragment"), [
+    (None, "params.yaml: params file not found"),
+    ("data: {name: ../x}\n", "params.yaml data.name: '../x' names files and folders"),
+])
+def test_a_default_params_cannot_give_is_one_paragraph(tmp_path: Path, params: str | None, fragment: str) -> None:
+    if params is not None:
+        (tmp_path / "params.yaml").write_text(params)
+    message = user_error(aekt_inproc(["student"], tmp_path))
+    assert fragment in message and "--manifest was left out" in message, message
+
+
+def test_a_left_out_manifest_that_is_missing_says_to_run_prepare(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(LAYOUT_PARAMS)
+    result = aekt_inproc(["cache"], tmp_path)
+    assert result.exit_code == 2 and "manifests/mnistish.json" in result.output
+    assert "run `aekt prepare` first, or pass --manifest PATH" in result.output, result.output
+
+
+def test_prepare_with_no_options_writes_dvc_yamls_paths(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("data: {source: digits, name: few, max_per_class: 3, shard_size: 8}\n")
+    result = aekt_inproc(["prepare"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "manifests/few.json").is_file() and sorted((tmp_path / "data/shards/few").glob("*.tar"))
