@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.data import Manifest
+from pipeline.data import DataError, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,16 @@ def read_views(store: LogitStore, manifest: Manifest, shards_dir: Path, *, done:
         start, end = store.provenance.shard_range(shard)
         labels, source = store.read_labels(shard), "store"
         if labels is None:
+            why = ("its labels chunk is missing (rerun `aekt cache` to rewrite it)" if store.has_labels else
+                   "it was written before stores held labels (schema 1; rebuild it to store them)")
             if store.has_labels:  # written before every marker: only a damaged store lacks it
-                log.warning("%s: the labels chunk of shard %d is missing; reading the shard instead (rerun "
-                            "`aekt cache` to rewrite it)", store.path, shard)
-            labels, source = shard_labels(manifest, shards_dir, shard, start, end), "shards"
+                log.warning("%s: shard %d: %s; reading the shard instead", store.path, shard, why)
+            try:
+                labels, source = shard_labels(manifest, shards_dir, shard, start, end), "shards"
+            except DataError as err:
+                raise InspectError(f"{err} The labels of shard {shard} must come from the shards because "
+                                   f"{store.path} does not hold them: {why}; or pass --shards-dir with "
+                                   "the folder of the training shards.") from err
         sources[source] += 1
         for v in todo:
             logits, _ = store.read_row(v, shard, labels)  # [n, C]

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from pipeline.artifacts import read_card
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.cache.verify import verify_cache
-from pipeline.cache.writer import open_or_create
+from pipeline.cache.writer import open_or_create, pending_items
 from pipeline.config import load_params, section
 from pipeline.data import Manifest
 from tests.conftest import run
@@ -143,3 +144,56 @@ def test_stage1_and_verify_normalise_for_the_teacher_its_card_names(tiny_pipelin
                           shards_dir=work / "shards", teacher_path=work / "teacher.safetensors",
                           cfg=cache, aug=aug, samples=32)
     assert report["ok"] and report["kl_tau1_max"] < 1e-9
+
+
+def _shard_labels(root: Path) -> list[np.ndarray]:
+    manifest = Manifest.load(root / "manifest.json")
+    return [np.array([s.label for s in manifest.read_shard(root / "shards", "train", i)])
+            for i in range(len(manifest.splits["train"].shards))]
+
+
+def test_store_holds_every_training_label_as_the_shards_give_it(tiny_pipeline: Path) -> None:
+    store = LogitStore.open(tiny_pipeline / "store.zarr")
+    expected = _shard_labels(tiny_pipeline)
+    assert store.group.attrs["schema_version"] == 2 and store.has_labels
+    np.testing.assert_array_equal(store.group["labels"][:], np.concatenate(expected))
+    for shard, labels in enumerate(expected):
+        np.testing.assert_array_equal(store.read_labels(shard), labels)
+    chunks = [f for f in (tiny_pipeline / "store.zarr" / "labels" / "c").rglob("*") if f.is_file()]
+    assert len(chunks) == store.provenance.num_shards  # one chunk per shard, like a chunk row
+
+
+def test_a_missing_labels_chunk_is_rewritten_by_a_rerun(tiny_pipeline: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline, work)
+    expected = store_arrays(work / "store.zarr")
+    (work / "store.zarr" / "labels" / "c" / "3").unlink()
+    store = LogitStore.open(work / "store.zarr", mode="r+")
+    assert store.read_labels(3) is None and store.done_mask().all()  # readers fall back to the shard
+    assert pending_items(store) == [(0, 3), (1, 3)]  # the rows it should have preceded are redone
+    out = run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
+               "teacher.safetensors", "--store", "store.zarr", "--no-progress"], work).stdout
+    assert "2 of 14 (view, shard) items written" in out
+    got = store_arrays(work / "store.zarr")
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+def make_schema1(store_path: Path) -> None:
+    """Turn a store into one written before labels were stored: no labels array, schema_version 1."""
+    shutil.rmtree(store_path / "labels")
+    group = zarr.open_group(str(store_path), mode="r+")
+    group.attrs["schema_version"] = 1
+
+
+def test_a_schema1_store_without_labels_still_opens_and_resumes(tiny_pipeline: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(tiny_pipeline / "store.zarr", store_path)
+    make_schema1(store_path)
+    store = LogitStore.open(store_path, mode="r+")
+    assert not store.has_labels and store.read_labels(0) is None and store.done_mask().all()
+    assert pending_items(store) == []  # a finished schema-1 store is complete, not damaged
+    cache, aug = cfgs(tiny_pipeline)
+    prov = expected_provenance(Manifest.load(tiny_pipeline / "manifest.json"),
+                               read_card(tiny_pipeline / "teacher.safetensors"), cache, aug)
+    assert open_or_create(store_path, prov, cache, rebuild=False).provenance == store.provenance

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
@@ -134,6 +135,39 @@ def test_report_matches_numpy(built: dict[str, Path], tau: float) -> None:
     assert agree["all_views_agree"] == pytest.approx(np.mean([len(set(x)) == 1 for x in by_sample.values()]))
     assert agree["mean_pairwise"] == pytest.approx(np.mean(
         [np.mean([x[a] == x[b] for a, b in combinations(range(VIEWS), 2)]) for x in by_sample.values()]))
+
+
+def test_labels_come_from_the_store_without_reading_a_shard(built: dict[str, Path], tmp_path: Path) -> None:
+    with_shards = inspect_store(store_path=built["store"], manifest_path=built["manifest"],
+                                shards_dir=built["shards"])
+    # No shard folder at all: every label must come from the store.
+    without = inspect_store(store_path=built["store"], manifest_path=built["manifest"],
+                            shards_dir=tmp_path / "no-shards-here")
+    assert without["labels_from"] == {"store": 5, "shards": 0}
+    assert without == with_shards
+    assert "labels: from the store (5 shards; no shard file read)" in format_text(without)
+    store, manifest = LogitStore.open(built["store"]), Manifest.load(built["manifest"])
+    for s, info in enumerate(manifest.splits["train"].shards):
+        np.testing.assert_array_equal(store.read_labels(s),
+                                      [x.label for x in read_shard(built["shards"] / info.name)])
+
+
+def test_a_store_written_before_labels_were_stored_reads_them_from_the_shards(
+        built: dict[str, Path], tmp_path: Path) -> None:
+    old = tmp_path / "schema1.zarr"
+    shutil.copytree(built["store"], old)
+    shutil.rmtree(old / "labels")
+    zarr.open_group(str(old), mode="r+").attrs["schema_version"] = 1
+    report = inspect_store(store_path=old, manifest_path=built["manifest"], shards_dir=built["shards"])
+    new = inspect_store(store_path=built["store"], manifest_path=built["manifest"], shards_dir=built["shards"])
+    assert report["labels_from"] == {"store": 0, "shards": 5}
+    assert {k: v for k, v in report.items() if k not in ("store", "labels_from")} == \
+        {k: v for k, v in new.items() if k not in ("store", "labels_from")}
+    assert "read from 5 shard files, each checked against its sha256 — the store predates stored labels" \
+        in format_text(report)
+    with pytest.raises(CacheError, match=r"cannot read.*The labels of shard 0 must come from the shards "
+                                         r"because .* written before stores held labels.*--shards-dir"):
+        inspect_store(store_path=old, manifest_path=built["manifest"], shards_dir=tmp_path / "none")
 
 
 def test_filters_class_and_view(built: dict[str, Path]) -> None:
