@@ -1,17 +1,30 @@
-"""Accelerate set-up shared by the multi-process stages, with the launch-trap check.
+"""Accelerate set-up shared by the multi-process stages, with checks that the launch did what was asked.
 
-``accelerate launch --multi_gpu`` without GPUs starts processes that each believe they are alone,
-and would silently train (or cache) N times over; see DESIGN.md "Multi-process launch".
+What the launchers start, checked with accelerate 1.15 on a CPU-only machine (docs/pipeline.md,
+"Launching N processes"): `torchrun --nproc_per_node N` and `accelerate launch --multi_gpu
+--num_processes N` (torchrun underneath) start N processes with WORLD_SIZE=N, which form one gloo
+world because the stages pass ``cpu=True`` when torch sees no GPU. `accelerate launch
+--num_processes N` without `--multi_gpu`, or with `--cpu`, starts ONE process: it would silently do
+the whole job alone. That process has no WORLD_SIZE but MASTER_ADDR/MASTER_PORT, which the launcher
+sets only when asked for more than one process, so it can be told apart and refused.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
 from pipeline.errors import UserError
+
+# Set by whatever started a process of a multi-process world (torchrun, or mpirun for MPI).
+_WORLD_VARS = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 class LaunchError(UserError, RuntimeError):
@@ -23,12 +36,46 @@ def check_world(seen: int, launched: int, distributed_type: object) -> None:
     if seen != launched:
         raise LaunchError(
             f"the launcher started {launched} processes but Accelerate sees a world of {seen} "
-            f"(distributed type {distributed_type}); each process would do the whole job. On CPU "
-            "launch with `torchrun --nproc_per_node N`; on GPUs with `accelerate launch --multi_gpu "
-            "--num_processes N`.")
+            f"(distributed type {distributed_type}); each process would do the whole job. Launch with "
+            "`torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` (on CPU "
+            "as on GPUs).")
+
+
+def check_single_launch(env: Mapping[str, str], argv: list[str], requested: int | None = None) -> None:
+    """Raise LaunchError when `accelerate launch` was asked for several processes but started only
+    this one (its simple launcher: ACCELERATE_USE_CPU and MASTER_PORT set, no world variables).
+    ``argv`` is this process's command line, ``requested`` the launcher's --num_processes if known."""
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env or any(v in env for v in _WORLD_VARS):
+        return
+    n = str(requested) if requested else "N"
+    script = "-m stages.cli" if Path(argv[0]).name == "aekt" or argv[0].endswith("stages/cli.py") else argv[0]
+    command = " ".join([script, *map(shlex.quote, argv[1:])])
+    raise LaunchError(
+        f"`accelerate launch` was asked for {f'{requested} processes' if requested else 'more than one process'}"
+        " but started only this one: without --multi_gpu (and always with --cpu) it runs a single process, "
+        f"which would do the whole job alone. Launch them with `accelerate launch --multi_gpu --num_processes "
+        f"{n} {command}` (on CPU as on GPUs) or `torchrun --nproc_per_node {n} {command}`. (accelerate launch "
+        "sets MASTER_ADDR/MASTER_PORT only for more than one process; if they come from your shell and you "
+        "meant one process, unset them.)")
+
+
+def requested_processes(pid: int) -> int | None:
+    """--num_processes from the command line of process ``pid`` (the launcher), where Linux shows it;
+    only used to print the exact command (a count from an accelerate config file is not read)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(args):
+        found = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", arg)
+        if found:
+            value = found.group(1) or (args[i + 1] if i + 1 < len(args) else "")
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def make_accelerator(**kwargs: Any) -> Accelerator:
+    check_single_launch(os.environ, sys.argv, requested_processes(os.getppid()))
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1")),
                 accelerator.distributed_type)

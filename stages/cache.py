@@ -32,7 +32,8 @@ from stages.common import (
 def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,
          rebuild: bool, summary: str | None, no_progress: bool) -> None:
     """Cache teacher logits for every (view, shard); resumes, and splits work across processes
-    (`torchrun --nproc_per_node N -m stages.cli cache ...` on CPU, `accelerate launch` on GPUs)."""
+    (`accelerate launch --multi_gpu --num_processes N -m stages.cli cache ...` or `torchrun
+    --nproc_per_node N -m stages.cli cache ...`, on CPU as on GPUs)."""
     from pipeline.cache.build import build_cache
     from pipeline.outputs import write_text
 
