@@ -4,7 +4,7 @@ import os
 
 import click
 
-from stages import bench, cache, evaluate, inspect, prepare, preset, student, teacher, verify
+from stages import bench, cache, evaluate, inspect, plots, prepare, preset, student, teacher, verify
 from stages.common import DEBUG_ENV
 
 
@@ -19,7 +19,7 @@ def main(debug: bool) -> None:
 
 
 for command in (prepare.main, teacher.main, cache.main, student.main, evaluate.main, verify.main,
-                inspect.main, bench.main, preset.main):
+                inspect.main, plots.main, bench.main, preset.main):
     main.add_command(command)
 
 if __name__ == "__main__":

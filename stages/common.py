@@ -103,7 +103,8 @@ TEACHER_OPTION = click.option("--teacher", "teacher_path", type=click.Path(dir_o
 STORE_OPTION = click.option("--store", "store_path", type=click.Path(file_okay=False),
                             **layout_default("cache/{dataset}-{arch}.zarr"),
                             help="Zarr logit store written by `aekt cache`.")
-NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+NO_PROGRESS_OPTION = click.option("--no-progress", is_flag=True,
+                                 help="Hide progress bars (a log record with the ETA every 30 s remains).")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -205,3 +206,12 @@ def read_sections(params_path: str, *names: str) -> list[Any]:
 
     params = load_params(params_path)
     return [section(params, name) for name in names]
+
+
+def live_option(stage_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--live: the dvclive folder a training stage logs to while it runs (pipeline/live.py)."""
+    return click.option("--live", "live_dir", default=None, type=click.Path(file_okay=False),
+                        help=f"dvclive folder for live metrics (per epoch; loss terms ~20 times per epoch go to "
+                             f"<folder>-steps), read by `dvc exp show`/`dvc plots` while it trains; dvc.yaml "
+                             f"passes dvclive/{stage_name} [default: none, no live metrics].")
+

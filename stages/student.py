@@ -12,6 +12,7 @@ from stages.common import (
     STORE_OPTION,
     TEACHER_OPTION,
     layout_default,
+    live_option,
     read_sections,
     stage,
 )
@@ -35,11 +36,12 @@ from stages.common import (
 @click.option("--checkpoints", type=click.Path(file_okay=False), **layout_default("runs/{dataset}/student"),
               help="Folder of resumable checkpoints (written every train.checkpoint_every epochs).")
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint.")
+@live_option("student")
 @NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: str, store_path: str,
          model_out: str, metrics: str, history: str, checkpoints: str, resume: bool,
-         no_progress: bool) -> None:
+         live_dir: str | None, no_progress: bool) -> None:
     """Train `student.arch` with `loss.name` (CE + AEKT by default), reading each shard's cached
     logits once per epoch; exports the student without its distillation head."""
     from pipeline.artifacts import check_writable
@@ -51,7 +53,8 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
         params_path, "student", "loss", "train", "cache", "augment")
     paths = StudentPaths(manifest=Path(manifest_path), shards_dir=Path(shards_dir),
                          teacher=Path(teacher_path), store=Path(store_path), model_out=Path(model_out),
-                         metrics=Path(metrics), history=Path(history), ckpt_dir=Path(checkpoints))
+                         metrics=Path(metrics), history=Path(history), ckpt_dir=Path(checkpoints),
+                         live=Path(live_dir) if live_dir else None)
     result = train_student(paths, student=student, loss=loss, train=train, cache=cache, aug=augment,
                            resume=resume, progress=not no_progress)
     click.echo(f"student {student.arch} [{loss.name}]: final top-1 {result['final_top1']:.4f}, best "

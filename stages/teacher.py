@@ -10,6 +10,7 @@ from stages.common import (
     PARAMS_OPTION,
     SHARDS_OPTION,
     layout_default,
+    live_option,
     read_sections,
     stage,
 )
@@ -27,10 +28,11 @@ from stages.common import (
               help="Metrics JSON to write (test top-1, epochs, seconds; a row of `dvc exp show`).")
 @click.option("--history", default="plots/teacher.csv", show_default=True, type=click.Path(dir_okay=False),
               help="Per-epoch CSV to write (loss, test top-1, speed; for `dvc plots show`).")
+@live_option("teacher")
 @NO_PROGRESS_OPTION
 @stage
 def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, metrics: str,
-         history: str, no_progress: bool) -> None:
+         history: str, live_dir: str | None, no_progress: bool) -> None:
     """Train `teacher.arch` with CE on the shards (or import a checkpoint) and record its sha256."""
     from pipeline.artifacts import check_writable
     from pipeline.teacher import run_teacher
@@ -39,6 +41,7 @@ def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, 
     teacher, augment = read_sections(params_path, "teacher", "augment")
     result = run_teacher(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),
                          model_out=Path(model_out), metrics_path=Path(metrics),
-                         history_path=Path(history), cfg=teacher, aug=augment, progress=not no_progress)
+                         history_path=Path(history), cfg=teacher, aug=augment, progress=not no_progress,
+                         live_dir=Path(live_dir) if live_dir else None)
     click.echo(f"teacher {result['arch']} ({result['source']}): test top-1 {result['test_top1']:.4f} "
                f"-> {model_out}")

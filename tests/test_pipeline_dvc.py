@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run
+from pipeline.plots_page import find_chromium
+from tests.conftest import REPO, cli_env, run
 
 
 def copy_repo(dest: Path) -> Path:
@@ -155,3 +157,58 @@ def test_queued_sweep_runs_only_the_student_from_the_one_stage_1(reproduced: Pat
         assert 0.1 < student["final_top1"] <= 1.0
         if epochs:
             assert student["epochs"] == epochs and data["params"]["params.yaml"]["data"]["train"]["epochs"] == epochs
+
+
+# ---- what a user watching a run sees: dvclive files that grow after each epoch while `dvc exp run`
+# trains, their values in `dvc exp show` and `dvc plots`, and the offline plots page drawn by
+# headless Chromium (skipped where it is not installed; `aekt plots --check` is the documented command)
+
+def test_a_running_experiment_shows_each_finished_epoch(reproduced: Path) -> None:
+    """`dvc exp run` retrains the student (8 epochs); dvclive/student/metrics.json is polled while
+    it runs: it must show epochs as they finish, not only at the end."""
+    live = reproduced / "dvclive/student/metrics.json"
+    proc = subprocess.Popen(["dvc", "exp", "run", "-S", "train.epochs=8", "-S", "train.batch_size=32"], cwd=reproduced,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 600
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+                seen.add(json.loads(live.read_text())["step"])
+            time.sleep(0.05)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    final = json.loads(live.read_text())
+    assert final["step"] == 8
+    assert len(seen - {8}) >= 2, f"saw only epochs {sorted(seen)} while it ran"
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], reproduced).stdout)
+    workspace = next(r for r in shown if r["rev"] == "workspace")["data"]["metrics"]
+    assert workspace["dvclive/student/metrics.json"]["data"]["test_top1"] == pytest.approx(
+        workspace["metrics/student.json"]["data"]["final_top1"])
+    assert workspace["dvclive/teacher/metrics.json"]["data"]["step"] == 30
+
+
+def test_dvc_plots_reads_the_live_files(reproduced: Path) -> None:
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], reproduced).stdout)["data"]
+    top1 = plots["test_top1_by_epoch"][0]["content"]
+    assert {row["step"] for row in top1["data"]["values"]} >= {"1", "8"}
+    loss = plots["loss_total_by_epoch"][0]["content"]
+    assert loss["encoding"]["y"]["scale"]["type"] == "log"
+    steps = [name for name in plots if name.startswith("dvclive/student-steps/plots/metrics/")]
+    assert {Path(n).name for n in steps} >= {"total.tsv", "ce.tsv", "explicit.tsv", "implicit.tsv", "lr.tsv"}
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="needs Chromium (Debian package `chromium`)")
+def test_plots_page_renders_offline_with_every_chart_drawn(reproduced: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "plots.png"
+    out = run(["aekt", "plots", "--out", str(tmp_path / "page"), "--check", "--screenshot", str(shot)], reproduced,
+              timeout=300).stdout
+    assert "charts drawn" in out and shot.stat().st_size > 10_000
+    page = (tmp_path / "page/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script src=" not in page
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    assert "Y-axis titled 'class'" in lines["plots_inspect_per_class_confidence_csv"]
+    assert "X-axis titled 'class'" not in lines["plots_eval_per_class_csv"]
+    assert "log scale" in lines["loss_total_by_epoch"]
