@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.data import DataError, Manifest
+from pipeline.data import DataError, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +239,35 @@ def teacher_report(data: CachedViews, classes: tuple[str, ...],
     return report, confusion
 
 
+def load_head(head_path: Path, student_path: Path) -> tuple[np.ndarray | None, dict[str, str]]:
+    """FC_TS weight (None when the loss had no serial head) and metadata of the head file, refused
+    unless it records the sha256 of ``student_path``: a head left beside the student by another run
+    must not be shown as this student's."""
+    from safetensors import SafetensorError, safe_open
+
+    rerun = ("Rerun `aekt student` (or `dvc repro student`), which writes the student and its head "
+             "together, or pass the student this head was written with.")
+    try:
+        with safe_open(str(head_path), framework="np") as f:
+            meta, names = f.metadata() or {}, f.keys()  # a safe_open handle has no `in`
+            weight = f.get_tensor("fc_ts.weight") if "fc_ts.weight" in names else None
+    except (SafetensorError, OSError) as err:
+        raise InspectError(f"{head_path}: not a readable head file ({err}). {rerun}") from err
+    recorded, actual = meta.get("student_sha256"), sha256_file(student_path)
+    if recorded != actual:
+        found = (f"records the student sha256 {recorded[:12]}…" if recorded else
+                 "records no student sha256 (it was written before heads were tied to their student)")
+        raise InspectError(f"{head_path} is not the head of {student_path}: it {found}, but {student_path} "
+                           f"has {actual[:12]}…, so the head comes from another `aekt student` run (or the "
+                           f"student was replaced without it). {rerun}")
+    return weight, meta
+
+
 def head_report(student_path: Path, classes: tuple[str, ...], confusion: np.ndarray,
                 per_class: list[dict[str, Any]],
                 eval_path: Path | None) -> tuple[dict[str, Any], np.ndarray | None]:
     """The serial head FC_TS saved beside the student (row = z_kd class, column = z_cls class) next to
     the teacher's confusions, and the student's per-class test top-1 next to the teacher's p_t."""
-    from safetensors.numpy import load_file
-
     head_path = student_path.with_name("student-head.safetensors")
     out: dict[str, Any] = {"student": str(student_path), "head_file": str(head_path)}
     if eval_path is not None:
@@ -260,12 +282,18 @@ def head_report(student_path: Path, classes: tuple[str, ...], confusion: np.ndar
         out["per_class"] = [{"class": r["class"], "teacher_mean_pt": r["mean_pt"],
                              "teacher_accuracy": r["accuracy"], "student_top1": top1.get(r["class"])}
                             for r in per_class]
+    out["head"] = None
     if not head_path.is_file():
-        out["head"] = None
-        out["message"] = (f"{head_path} not found: the student was trained without the serial head "
-                          "(loss.name != aekt or loss.head != serial), so there is no FC_TS to show.")
+        out["message"] = (f"{head_path} not found: `aekt student` writes it beside every student (with no "
+                          "weight when the loss has no serial head), so this student was exported before "
+                          "that or the file was removed; rerun `aekt student` (or `dvc repro student`) to "
+                          "see its head.")
         return out, None
-    weight = load_file(str(head_path)).get("fc_ts.weight")
+    weight, meta = load_head(head_path, student_path)
+    if meta.get("serial_head") == "no":
+        out["message"] = (f"{student_path} was trained with loss {meta.get('loss')} and head "
+                          f"{meta.get('head')}: no serial head FC_TS to show ({head_path} says so).")
+        return out, None
     if weight is None or weight.shape != (len(classes), len(classes)):
         raise InspectError(f"{head_path}: expected key 'fc_ts.weight' of shape {(len(classes),) * 2}, "
                            f"got {None if weight is None else weight.shape}; retrain the student on this "

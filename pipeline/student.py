@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
-from pipeline.artifacts import load_model, read_card, save_model, save_tensors
+from pipeline.artifacts import load_model, read_card, save_model
 from pipeline.augment import Normalization
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
@@ -97,6 +98,22 @@ def student_metrics(history: list[dict[str, Any]], *, loss: LossConfig, train: T
             "train": {k: getattr(train, k) for k in SCHEDULE_KEYS}}
 
 
+HEAD_FILE = "student-head.safetensors"  # beside the student, for `aekt inspect --student`
+
+
+def export_head(student_path: Path, student_sha256: str, model: DistillStudent, loss: LossConfig) -> None:
+    """Write the training-only serial head FC_TS beside the student, always: for a loss without one
+    (a baseline, ``loss.head`` parallel or none) a file with no tensor. Its metadata ties it to the
+    student written beside it (that file's sha256) and says which head the loss used, so inspect can
+    refuse a head left there by another run."""
+    weight = model.serial_weight
+    tensors = {} if weight is None else {"fc_ts.weight": weight.detach().cpu().contiguous()}
+    metadata = {"student_file": student_path.name, "student_sha256": student_sha256, "loss": loss.name,
+                "head": loss.effective_head, "serial_head": "yes" if weight is not None else "no"}
+    with atomic_path(student_path.with_name(HEAD_FILE)) as tmp:
+        tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))  # a full disk raises OSError
+
+
 def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConfig, train: TrainConfig,
                   cache: CacheConfig, aug: AugmentConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
@@ -134,11 +151,8 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
                 "manifest_sha256": manifest.sha256, "loss": loss_card(loss), "train": train.to_dict(),
                 "cache": None if store is None else asdict(store.provenance),
                 "test_top1": final["test_top1"]}
-        save_model(model.backbone, paths.model_out, card)  # the head is dropped: z_cls only
-        if model.serial_weight is not None:
-            # Training-only FC_TS weight, kept beside the student for `aekt inspect --student`.
-            with atomic_path(paths.model_out.with_name("student-head.safetensors")) as tmp:
-                save_tensors({"fc_ts.weight": model.serial_weight.detach().cpu().contiguous()}, tmp)
+        saved = save_model(model.backbone, paths.model_out, card)  # the head is dropped: z_cls only
+        export_head(paths.model_out, saved["sha256"], model, loss)
         write_metrics(paths.metrics, metrics)
         write_history_csv(paths.history, history)
     return metrics

@@ -17,17 +17,20 @@ from stages.common import MANIFEST_OPTION, SHARDS_OPTION, stage
               help="Only samples of this class (repeatable; a name wins over an index).")
 @click.option("--view", "views", multiple=True, type=int, help="Only this cached view (repeatable).")
 @click.option("--max-shards", type=click.IntRange(min=1), default=None,
-              help="Read only this many evenly spaced shards (a quick look at a large store).")
+              help="Read only this many evenly spaced shards (a quick look at a large store). "
+                   "[default: every shard]")
 @click.option("--student", "student_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Student weights; its serial head (student-head.safetensors beside it) is shown.")
+              help="Student weights; its serial head (student-head.safetensors beside it, refused unless "
+                   "it records this file's sha256) is shown. [default: none, no student section]")
 @click.option("--eval-metrics", "eval_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="plots/eval/per_class.json (written by `aekt evaluate`): the student's per-class top-1 next "
-                   "to the teacher's p_t.")
+                   "to the teacher's p_t. [default: none]")
 @click.option("--plots", "plots_dir", default="plots/inspect", show_default=True,
               type=click.Path(file_okay=False), help="Folder for the PNGs and per_class_confidence.csv.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False),
-              help="Also write the JSON report to this file (atomically: a failed run leaves no partial file).")
+              help="Also write the JSON report to this file (atomically: a failed run leaves no partial file). "
+                   "[default: none, not written]")
 @stage
 def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, classes: tuple[str, ...],
          views: tuple[int, ...], max_shards: int | None, student_path: str | None, eval_path: str | None,

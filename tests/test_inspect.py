@@ -14,13 +14,13 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from pipeline.artifacts import save_model
 from pipeline.cache.build import build_cache
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.config import AugmentConfig, CacheConfig, DataConfig
-from pipeline.data import Manifest, prepare, read_shard
+from pipeline.config import AugmentConfig, CacheConfig, DataConfig, LossConfig
+from pipeline.data import Manifest, prepare, read_shard, sha256_file
 from pipeline.inspect_cache import (
     inspect_store,
     nontarget_entropy,
@@ -40,6 +40,7 @@ from pipeline.inspect_plots import (
     write_plots,
 )
 from pipeline.models import build_model
+from pipeline.student import build_student, export_head
 from stages.inspect import main as inspect_cli
 
 VIEWS = 3
@@ -285,12 +286,26 @@ def test_manifest_mismatch_refused(built: dict[str, Path], tmp_path: Path) -> No
     assert str(tmp_path / "other.json") in result.output
 
 
+def export_student(folder: Path, manifest: Path, loss: dict, weight: np.ndarray | None = None,
+                   seed: int = 0) -> Path:
+    """A digits student saved and its head exported as `aekt student` does (FC_TS set to ``weight``)."""
+    cfg = LossConfig.from_params(loss)
+    model = build_student("digits_mlp", Manifest.load(manifest), cfg, seed)
+    if weight is not None:
+        with torch.no_grad():
+            model.serial_weight.copy_(torch.from_numpy(weight))
+    folder.mkdir(parents=True, exist_ok=True)
+    student = folder / "student.safetensors"
+    card = save_model(model.backbone, student, {"arch": "digits_mlp", "num_classes": 10, "in_channels": 1,
+                                                "recipe": "digits"})
+    export_head(student, card["sha256"], model, cfg)
+    return student
+
+
 def test_student_head_and_eval(built: dict[str, Path], tmp_path: Path) -> None:
-    student = tmp_path / "student.safetensors"
-    student.write_bytes(b"weights are not read")
     weight = np.eye(10, dtype=np.float32)
     weight[1, 7], weight[3, 8], weight[0, 5] = 0.30, -0.20, 0.05
-    save_file({"fc_ts.weight": weight}, str(tmp_path / "student-head.safetensors"))
+    student = export_student(tmp_path, built["manifest"], {"name": "aekt", "head": "serial"}, weight)
     metrics = tmp_path / "eval.json"
     metrics.write_text(json.dumps({"per_class_top1": {str(c): c / 10 for c in range(10)}}))
     args = [str(built["store"]), "--manifest", str(built["manifest"]), "--shards-dir", str(built["shards"]),
@@ -308,11 +323,52 @@ def test_student_head_and_eval(built: dict[str, Path], tmp_path: Path) -> None:
     assert [r["student_top1"] for r in out["per_class"]] == pytest.approx([c / 10 for c in range(10)])
     assert (tmp_path / "plots" / HEAD_PNG).is_file()
     assert "1 <- 7: W +0.3000" in format_text(json.loads(result.stdout))
-    (tmp_path / "student-head.safetensors").unlink()
+
+
+@pytest.mark.parametrize(("loss", "fragment"), [
+    ({"name": "kd"}, "trained with loss kd and head none: no serial head FC_TS to show"),
+    ({"name": "aekt", "head": "parallel"}, "trained with loss aekt and head parallel: no serial head"),
+    ({"name": "aekt", "head": "none"}, "trained with loss aekt and head none: no serial head"),
+])
+def test_a_student_without_a_serial_head_still_gets_its_head_file(built: dict[str, Path], tmp_path: Path,
+                                                                  loss: dict, fragment: str) -> None:
+    student = export_student(tmp_path, built["manifest"], loss)
+    head = tmp_path / "student-head.safetensors"
+    assert head.is_file() and not load_file(str(head))  # metadata only, no tensor
     report = inspect_store(store_path=built["store"], manifest_path=built["manifest"],
                            shards_dir=built["shards"], student_path=student)
-    assert report["student"]["head"] is None and "per_class" not in report["student"]
-    assert "trained without the serial head" in format_text(report)
+    assert report["student"]["head"] is None and fragment in format_text(report)
+    assert str(student) in report["student"]["message"]
+
+
+def test_a_head_from_another_student_is_refused(built: dict[str, Path], tmp_path: Path) -> None:
+    """The head beside a student was written by another run: refuse instead of showing it."""
+    student = export_student(tmp_path / "a", built["manifest"], {"name": "aekt", "head": "serial"})
+    other = export_student(tmp_path / "b", built["manifest"], {"name": "aekt", "head": "serial"}, seed=1)
+    shutil.copy(other.with_name("student-head.safetensors"), student.with_name("student-head.safetensors"))
+    args = [str(built["store"]), "--manifest", str(built["manifest"]), "--shards-dir", str(built["shards"]),
+            "--student", str(student), "--plots", str(tmp_path / "plots")]
+    result = CliRunner().invoke(inspect_cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = result.output.split("Error: ", 1)[1].strip()
+    assert "\n" not in message, message  # one paragraph
+    head = student.with_name("student-head.safetensors")
+    for fragment in (f"{head} is not the head of {student}", f"records the student sha256 "
+                     f"{sha256_file(other)[:12]}", f"has {sha256_file(student)[:12]}", "another `aekt student` run",
+                     "Rerun `aekt student` (or `dvc repro student`)"):
+        assert fragment in message, f"{fragment!r} not in {message}"
+    assert not (tmp_path / "plots").exists()
+    # A head written before heads recorded their student is refused the same way.
+    save_file({"fc_ts.weight": np.eye(10, dtype=np.float32)}, str(head))
+    result = CliRunner().invoke(inspect_cli, args)
+    assert result.exit_code == 1 and "records no student sha256" in result.output
+    # No head file at all: a message, not an error (the per-class comparison still works).
+    head.unlink()
+    report = inspect_store(store_path=built["store"], manifest_path=built["manifest"],
+                           shards_dir=built["shards"], student_path=student)
+    assert report["student"]["head"] is None
+    assert "not found: `aekt student` writes it beside every student" in format_text(report)
+    assert "rerun `aekt student`" in report["student"]["message"]
 
 
 # ---- pure functions ------------------------------------------------------------------------------
