@@ -12,6 +12,7 @@ from stages.common import (
     SHARDS_OPTION,
     STORE_OPTION,
     TEACHER_OPTION,
+    echo_once,
     read_sections,
     stage,
 )
@@ -44,6 +45,6 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
     if result["disk_bytes"]:
         if summary:
             write_text(Path(summary), json.dumps(result, indent=2) + "\n", rerun="aekt cache")
-        click.echo(f"cache {store_path}: {result['items_pending']} of {result['items_total']} (view, shard) "
-                   f"items written in {result['seconds']:.1f}s; "
-                   f"{sum(result['disk_bytes'].values()) / 1e6:.2f} MB on disk")
+        echo_once(f"cache {store_path}: {result['items_pending']} of {result['items_total']} (view, shard) "
+                  f"items written in {result['seconds']:.1f}s; "
+                  f"{sum(result['disk_bytes'].values()) / 1e6:.2f} MB on disk")

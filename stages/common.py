@@ -215,3 +215,9 @@ def live_option(stage_name: str) -> Callable[[Callable[..., Any]], Callable[...,
                              f"<folder>-steps), read by `dvc exp show`/`dvc plots` while it trains; dvc.yaml "
                              f"passes dvclive/{stage_name} [default: none, no live metrics].")
 
+
+def echo_once(text: str) -> None:
+    """The stage's closing line, from the main process only (a multi-process run printed it N times)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(text)
+

@@ -11,6 +11,7 @@ from stages.common import (
     SHARDS_OPTION,
     STORE_OPTION,
     TEACHER_OPTION,
+    echo_once,
     layout_default,
     live_option,
     read_sections,
@@ -57,5 +58,5 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
                          live=Path(live_dir) if live_dir else None)
     result = train_student(paths, student=student, loss=loss, train=train, cache=cache, aug=augment,
                            resume=resume, progress=not no_progress)
-    click.echo(f"student {student.arch} [{loss.name}]: final top-1 {result['final_top1']:.4f}, best "
-               f"{result['best_top1']:.4f} (epoch {result['best_epoch']}) -> {model_out}")
+    echo_once(f"student {student.arch} [{loss.name}]: final top-1 {result['final_top1']:.4f}, best "
+              f"{result['best_top1']:.4f} (epoch {result['best_epoch']}) -> {model_out}")

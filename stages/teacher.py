@@ -9,6 +9,7 @@ from stages.common import (
     NO_PROGRESS_OPTION,
     PARAMS_OPTION,
     SHARDS_OPTION,
+    echo_once,
     layout_default,
     live_option,
     read_sections,
@@ -43,5 +44,5 @@ def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, 
                          model_out=Path(model_out), metrics_path=Path(metrics),
                          history_path=Path(history), cfg=teacher, aug=augment, progress=not no_progress,
                          live_dir=Path(live_dir) if live_dir else None)
-    click.echo(f"teacher {result['arch']} ({result['source']}): test top-1 {result['test_top1']:.4f} "
-               f"-> {model_out}")
+    echo_once(f"teacher {result['arch']} ({result['source']}): test top-1 {result['test_top1']:.4f} "
+              f"-> {model_out}")

@@ -131,15 +131,7 @@ def test_every_option_and_argument_is_explained(name: str, command: click.Comman
                 f"aekt {name}: the help does not explain the argument {param.human_readable_name}"
 
 
-def _default_pending(name: str) -> list:
-    if name != "inspect":
-        return []
-    return [pytest.mark.xfail(reason="stages/inspect.py (another engineer's file): --max-shards, --student, "
-                                     "--eval-metrics and --json-out do not say what leaving them out does")]
-
-
-@pytest.mark.parametrize(("name", "command"),
-                         [pytest.param(n, c, id=n, marks=_default_pending(n)) for n, c in _commands()])
+@pytest.mark.parametrize(("name", "command"), [pytest.param(n, c, id=n) for n, c in _commands()])
 def test_every_value_option_says_its_default(name: str, command: click.Command) -> None:
     """An option that takes a value shows `[default: ...]` (or says in words what leaving it out
     does), unless it is required or repeatable; flags are off unless given."""
