@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.data import DataError, Manifest, sha256_file
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def read_views(store: LogitStore, manifest: Manifest, shards_dir: Path, *, done:
     many shards' labels came from each source."""
     parts: list[dict[str, np.ndarray]] = []
     sources = {"store": 0, "shards": 0}
+    rows = int(done[np.ix_(views, shards)].sum())
+    bar = Progress(rows, "inspect rows", "row", logger=log)
     for shard in shards:
         todo = [v for v in views if done[v, shard]]
         if not todo:
@@ -178,6 +181,8 @@ def read_views(store: LogitStore, manifest: Manifest, shards_dir: Path, *, done:
             logits, _ = store.read_row(v, shard, labels)  # [n, C]
             parts.append({"view": np.full(end - start, v), "index": np.arange(start, end),
                           "label": labels, **summarise_logits(logits, labels, tau)})
+            bar.update(1)
+    bar.close()
     if not parts:
         raise CacheError(f"{store.path}: no finished (view, shard) rows among views {views}; run "
                          "`aekt cache` (or wait for it) first.")

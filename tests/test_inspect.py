@@ -204,7 +204,9 @@ def test_cli_json_text_and_plots(built: dict[str, Path], tmp_path: Path) -> None
     for name in PNG_NAMES:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "plots" / CSV_NAME).read_text().splitlines()
-    assert rows[0] == "class,mean_pt,q10,q50,q90,accuracy" and len(rows) == 11
+    assert rows[0] == "class,mean_pt,q10,q50,q90,accuracy,teacher_error" and len(rows) == 11
+    first = dict(zip(rows[0].split(","), rows[1].split(","), strict=True))
+    assert float(first["teacher_error"]) == pytest.approx(max(1 - float(first["mean_pt"]), 1e-6), rel=1e-4)
     first = rows[1].split(",")
     assert first[0] == "0" and float(first[1]) == pytest.approx(report["per_class"][0]["mean_pt"], rel=1e-5)
     text = CliRunner().invoke(inspect_cli, args)

@@ -210,5 +210,6 @@ def test_plots_page_renders_offline_with_every_chart_drawn(reproduced: Path, tmp
     assert "cdn.jsdelivr" not in page and "<script src=" not in page
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
     assert "Y-axis titled 'class'" in lines["plots_inspect_per_class_confidence_csv"]
+    assert "X-axis titled '1 - mean teacher p_t' for a log scale" in lines["plots_inspect_per_class_confidence_csv"]
     assert "X-axis titled 'class'" not in lines["plots_eval_per_class_csv"]
     assert "log scale" in lines["loss_total_by_epoch"]

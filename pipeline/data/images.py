@@ -8,12 +8,15 @@ count: no EXIF rotation, no colour management, no resizing (augmentation owns ge
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.samples import ImageDecodeError
+
+if TYPE_CHECKING:
+    import torch
 
 # Modes PIL converts to "L"/"RGB" faithfully; alpha is dropped, CMYK/YCbCr/P are mapped to RGB.
 _CONVERTIBLE = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
@@ -92,6 +95,8 @@ def decode_image(data: bytes, *, channels: int, name: str) -> torch.Tensor:
     Raises ImageDecodeError naming ``name`` for truncated or non-image bytes, unsupported pixel
     modes and images above Pillow's decompression-bomb limit.
     """
+    import torch  # here, not at the top: reading manifests and labels (`aekt inspect`) needs no torch
+
     arr = decode_array(data, channels=channels, name=name)
     chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(chw))  # [C, H, W]
