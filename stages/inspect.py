@@ -38,7 +38,7 @@ def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, class
     """Teacher confidence report of the finished rows of STORE: per-class p_t, accuracy, ECE,
     non-target entropy, confused pairs and agreement across views, plus PNG plots and a CSV."""
     from pipeline.inspect_cache import inspect_store
-    from pipeline.inspect_plots import format_text
+    from pipeline.inspect_text import format_text
     from pipeline.outputs import echo, write_text
 
     if eval_path and not student_path:

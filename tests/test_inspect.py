@@ -21,24 +21,19 @@ from pipeline.cache.build import build_cache
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.config import AugmentConfig, CacheConfig, DataConfig, LossConfig
 from pipeline.data import Manifest, prepare, read_shard, sha256_file
-from pipeline.inspect_cache import (
-    inspect_store,
-    nontarget_entropy,
-    reliability,
-    top_offdiagonal,
-    view_agreement,
-)
+from pipeline.inspect_cache import inspect_store
 from pipeline.inspect_plots import (
     CSV_NAME,
     HEAD_PNG,
     PNG_NAMES,
-    format_text,
     histogram_figure,
     pairs_figure,
     per_class_figure,
     reliability_figure,
     write_plots,
 )
+from pipeline.inspect_stats import nontarget_entropy, reliability, top_offdiagonal, view_agreement
+from pipeline.inspect_text import format_text
 from pipeline.models import build_model
 from pipeline.student import build_student, export_head
 from stages.inspect import main as inspect_cli

@@ -107,7 +107,7 @@ def test_resume_reaches_the_same_weights(tiny_pipeline: Path, tmp_path: Path) ->
 
 
 def test_term_grad_norms_match_the_closed_form_for_ce() -> None:
-    from pipeline.train import term_grad_norms
+    from pipeline.train_checks import term_grad_norms
 
     z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 5, (8,))
@@ -130,7 +130,7 @@ def test_probe_on_detached_logits_gives_each_terms_gradient_at_its_logits() -> N
     each distillation term's at z_kd (not also through the head back to z_cls), equal to autograd
     on the training graph; the graph itself is left untouched for the step's one backward."""
     from pipeline.config import LossConfig
-    from pipeline.train import probe_term_grads
+    from pipeline.train_checks import probe_term_grads
 
     g = torch.Generator().manual_seed(0)
     z_cls = torch.randn(16, 10, generator=g, requires_grad=True)
