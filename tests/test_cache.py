@@ -33,6 +33,16 @@ def store_arrays(path: Path) -> dict[str, np.ndarray]:
     return {name: store.group[name][:] for name in store.group.array_keys()}
 
 
+def rerun_gives(work: Path, expected: dict[str, np.ndarray], written: int) -> None:
+    """`aekt cache` again: it writes ``written`` rows and leaves the store equal to ``expected``."""
+    out = run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
+               "teacher.safetensors", "--store", "store.zarr", "--no-progress"], work).stdout
+    assert f"{written} of 14 (view, shard) items written" in out
+    got = store_arrays(work / "store.zarr")
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
 def test_decoded_logits_equal_a_fresh_teacher_on_the_replayed_view(tiny_pipeline: Path) -> None:
     cache, aug = cfgs(tiny_pipeline)
     report = verify_cache(store_path=tiny_pipeline / "store.zarr", manifest_path=tiny_pipeline / "manifest.json",
@@ -81,12 +91,7 @@ def test_rerun_redoes_only_unfinished_rows_and_gives_the_same_store(tiny_pipelin
     store = LogitStore.open(work / "store.zarr", mode="r+")
     store.group["done"][1, 3] = 0
     store.group["logits"][1, 96:128] = np.nan  # a half-written chunk row without its marker
-    out = run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
-               "teacher.safetensors", "--store", "store.zarr", "--no-progress"], work).stdout
-    assert "1 of 14 (view, shard) items written" in out
-    got = store_arrays(work / "store.zarr")
-    for name, values in expected.items():
-        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    rerun_gives(work, expected, written=1)
 
 
 def test_two_processes_write_the_same_store_as_one(tiny_pipeline: Path, tmp_path: Path) -> None:
@@ -171,12 +176,7 @@ def test_a_missing_labels_chunk_is_rewritten_by_a_rerun(tiny_pipeline: Path, tmp
     store = LogitStore.open(work / "store.zarr", mode="r+")
     assert store.read_labels(3) is None and store.done_mask().all()  # readers fall back to the shard
     assert pending_items(store) == [(0, 3), (1, 3)]  # the rows it should have preceded are redone
-    out = run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
-               "teacher.safetensors", "--store", "store.zarr", "--no-progress"], work).stdout
-    assert "2 of 14 (view, shard) items written" in out
-    got = store_arrays(work / "store.zarr")
-    for name, values in expected.items():
-        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    rerun_gives(work, expected, written=2)
 
 
 def make_schema1(store_path: Path) -> None:
