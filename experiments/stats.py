@@ -87,7 +87,9 @@ def describe(loss: dict[str, Any]) -> str:
             "kd": f"{loss['ce_weight']:g}·CE + {loss['kd_weight']:g}·KD, {tau}",
             "dkd": f"CE + {loss['alpha']:g}·TCKD + {loss['beta']:g}·NCKD, {tau}",
             "nkd": f"CE + NKD (γ={loss['gamma']:g}), {tau}",
-            "dist": f"CE + DIST (β={loss['dist_beta']:g}, γ={loss['dist_gamma']:g}), {tau}",
+            # results written before DIST had its own keys ran it with DKD's beta and NKD's gamma
+            "dist": f"CE + DIST (β={loss.get('dist_beta', loss['beta']):g}, "
+                    f"γ={loss.get('dist_gamma', loss['gamma']):g}), {tau}",
             "aekt": f"CE + {loss['alpha']:g}·{'w·' if loss['adaptive'] == 'ratio' else ''}"
                     f"{'TCKD' if loss['explicit'] == 'binary_kl' else 'NKD-target'} + {loss['beta']:g}·NCKD, "
                     f"{tau}, head={loss['head']}"}[name]
