@@ -123,7 +123,7 @@ class _ChartParser(HTMLParser):
             self.charts.append(Chart(a["id"], a.get("data-aekt-rendered", "not rendered")))
         elif chart is not None and tag == "g" and "role-axis" in a.get("class", "") and a.get("aria-label"):
             chart.axes.append(a["aria-label"])
-        elif chart is not None and tag == "path" and a.get("d", "").strip() \
+        elif chart is not None and tag == "path" and drawn(a.get("d", "")) \
                 and any("role-mark" in cls for _, cls, _ in self.stack):
             chart.marks += 1
         if tag not in self.VOID:
@@ -138,6 +138,18 @@ class _ChartParser(HTMLParser):
 
     def _chart(self) -> Chart | None:
         return next((chart for _, _, chart in reversed(self.stack) if chart is not None), None)
+
+
+def drawn(d: str) -> bool:
+    """Whether an SVG path has visible extent. Vega draws a bar it cannot place (a bar from 0 on a
+    log axis) as ``M0,y h0 v20 h0 Z``: present in the DOM, zero pixels wide."""
+    if not d.strip() or "NaN" in d or "Infinity" in d:
+        return False
+    if re.search(r"[hv]", d):  # a bar: M x,y h W v H h -W Z
+        widths = [float(v) for v in re.findall(r"h(-?[\d.e+-]+)", d)]
+        heights = [float(v) for v in re.findall(r"v(-?[\d.e+-]+)", d)]
+        return any(widths) and any(heights)
+    return len(set(re.findall(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", d))) > 1  # a line or a symbol
 
 
 def chart_ids(index: Path) -> list[str]:
