@@ -61,8 +61,11 @@ def test_the_single_launch_is_told_apart_by_what_the_launcher_sets(env: dict, re
 @pytest.mark.parametrize(("args", "count"), [(["--num_processes", "3"], 3), (["--num-processes=4"], 4),
                                              (["--multi_gpu"], None)])
 def test_the_requested_count_is_read_from_the_launchers_command_line(args: list[str], count: int | None) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", *args], stdin=subprocess.PIPE)
+    # The child says it is up once it runs Python: before that, /proc shows the forked parent's cmdline.
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        proc.stdout.readline()
         assert requested_processes(proc.pid) == count
     finally:
         proc.communicate(timeout=30)
