@@ -66,31 +66,31 @@ def gather_sums(sums: dict[str, float], world: int) -> dict[str, float]:
 
 @dataclass
 class StepSeries:
-    """Windowed sums of per-step values; a point every ``every`` steps of this rank."""
+    """A point every ``every`` steps of this rank, derived from the epoch's running sums (which
+    the trainer keeps anyway): nothing is accumulated per step here."""
 
     every: int
-    window: dict[str, torch.Tensor] = field(default_factory=dict)  # summed on the device
-    count: int = 0
+    last: dict[str, float] = field(default_factory=dict)  # the running sums at the previous point
+    last_seen: int = 0
     points: list[Point] = field(default_factory=list)
 
     @classmethod
     def for_epoch(cls, steps: int) -> StepSeries:
         return cls(every=max(1, math.ceil(steps / POINTS_PER_EPOCH)))
 
-    def add(self, values: dict[str, torch.Tensor], n: int) -> None:
-        for key, value in values.items():
-            self.window[key] = self.window.get(key, 0) + value.detach() * n
-        self.count += n
-
-    def close_window(self, global_step: int, extra: dict[str, float]) -> Point | None:
-        """End the window at ``global_step`` (one host sync); ``extra`` values are per point, not summed."""
-        if not self.count:
+    def close_window(self, global_step: int, sums: dict[str, Any], seen: int,
+                     extra: dict[str, float]) -> Point | None:
+        """End the window at ``global_step``: ``sums`` are the running sums (value x batch size) and
+        ``seen`` the samples so far (one host sync); ``extra`` values are per point, not summed."""
+        n = seen - self.last_seen
+        if not n:
             return None
-        sums = {k: float(v) for k, v in self.window.items()}
-        sums.update({k: v * self.count for k, v in extra.items()})
-        point = (global_step, sums, self.count)
+        now = {k: float(v) for k, v in sums.items()}
+        window = {k: v - self.last.get(k, 0.0) for k, v in now.items()}
+        window.update({k: v * n for k, v in extra.items()})
+        self.last, self.last_seen = now, seen
+        point = (global_step, window, n)
         self.points.append(point)
-        self.window, self.count = {}, 0
         return point
 
     def merged(self, world: int) -> list[tuple[int, dict[str, float]]]:

@@ -27,7 +27,7 @@ from pipeline.config import ConfigError, LossConfig, ScheduleConfig
 from pipeline.data import Manifest
 from pipeline.distributed import make_accelerator
 from pipeline.heads import DistillStudent, build_param_groups
-from pipeline.live import LiveLog, StepSeries, gather_sums
+from pipeline.live import LiveLog, StepSeries, gather_sums, merge_points
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, loss_warmup
 from pipeline.progress import Progress, RunClock, format_eta
 from pipeline.run_state import load_checkpoint, save_checkpoint
@@ -176,23 +176,30 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
                 stat_sums[k] = stat_sums.get(k, 0.0) + v * b
             for k, v in grads.items():
                 grad_sums[k] = grad_sums.get(k, 0) + v
-            series.add({f"loss/{k}": v for k, v in terms.items()} | {"loss/total": sum(terms.values())}, b)
-            if (step + 1) % series.every == 0:
-                series.close_window((epoch - 1) * steps + step + 1, {"lr": optimizer.param_groups[0]["lr"]})
-                if world == 1:  # one rank: live at once; several: merged at the epoch's end
-                    job.live.points(series.merged(1)[-1:])
             probes += bool(grads)
             seen += b
+            if (step + 1) % series.every == 0:
+                live_point(job, series, (epoch - 1) * steps + step + 1, term_sums, seen, optimizer, world)
             bar.update(b)
             if step % NAN_CHECK_EVERY == 0:
                 check_finite(term_sums, epoch, step, sched.SECTION or "train")
     check_finite(term_sums, epoch, step, sched.SECTION or "train")
-    if series.close_window(epoch * steps, {"lr": optimizer.param_groups[0]["lr"]}) and world == 1:
-        job.live.points(series.merged(1)[-1:])
+    live_point(job, series, epoch * steps, term_sums, seen, optimizer, world)
     if world > 1:
         job.live.points(series.merged(world))
     return epoch_row(term_sums, stat_sums, grad_sums, seen=seen, probes=probes, world=world,
                      seconds=time.perf_counter() - start, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
+
+
+def live_point(job: TrainJob, series: StepSeries, global_step: int, term_sums: dict[str, torch.Tensor],
+               seen: int, optimizer: Any, world: int) -> None:
+    """Close the step series' window; with one rank it goes live at once, with several the points
+    are merged at the epoch's end (a collective here could hang on uneven shards)."""
+    sums = {f"loss/{k}": v for k, v in term_sums.items()}
+    point = series.close_window(global_step, sums | {"loss/total": sum(sums.values())}, seen,
+                                {"lr": optimizer.param_groups[0]["lr"]})
+    if point is not None and world == 1:
+        job.live.points(merge_points([[point]]))
 
 
 def epoch_row(term_sums: dict[str, Any], stat_sums: dict[str, Any], grad_sums: dict[str, Any], *,

@@ -25,11 +25,12 @@ def test_merged_points_are_means_over_every_ranks_samples() -> None:
 def test_step_series_windows_sum_values_times_batch_size() -> None:
     series = StepSeries.for_epoch(steps=40)
     assert series.every == 2  # ~20 points per epoch
-    series.add({"loss": torch.tensor(1.0)}, 4)
-    series.add({"loss": torch.tensor(2.0)}, 2)
-    assert series.close_window(2, {"lr": 0.1}) == (2, {"loss": 8.0, "lr": pytest.approx(0.6)}, 6)
-    assert series.close_window(3, {"lr": 0.1}) is None  # an empty window makes no point
+    running = {"loss": torch.tensor(1.0) * 4 + torch.tensor(2.0) * 2}  # the trainer's running sums
+    assert series.close_window(2, running, 6, {"lr": 0.1}) == (2, {"loss": 8.0, "lr": pytest.approx(0.6)}, 6)
+    assert series.close_window(3, running, 6, {"lr": 0.1}) is None  # an empty window makes no point
     assert series.merged(1) == [(2, {"loss": pytest.approx(8 / 6), "lr": pytest.approx(0.1)})]
+    running = {"loss": running["loss"] + torch.tensor(3.0) * 2}  # the next window: its own samples only
+    assert series.close_window(4, running, 8, {"lr": 0.1})[1:] == ({"loss": 6.0, "lr": pytest.approx(0.2)}, 2)
 
 
 def test_live_log_rewrites_metrics_after_each_epoch(tmp_path: Path) -> None:
