@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.data.samples import IMAGE_EXTS, DataError, Sample
 
@@ -139,11 +142,115 @@ _REFUSED_TYPES = {b"1": "a hard link", b"2": "a symlink", b"3": "a character dev
                   b"L": "a GNU long name", b"K": "a GNU long link name", b"S": "a sparse file"}
 
 
+_OCTAL_RE = re.compile(rb" *([0-7]+)[\x00 ]*")
+
+
 def _octal(field: bytes, what: str, where: str) -> int:
-    text = field.rstrip(b"\x00 ").lstrip(b" ")
-    if not text or text.strip(b"01234567"):
+    found = _OCTAL_RE.fullmatch(field)
+    if found is None:
         raise DataError(f"{where}: corrupt tar header ({what} field {field!r}); {_RERUN}.")
-    return int(text, 8)
+    return int(found.group(1), 8)
+
+
+def _check_headers(data: bytes, starts: list[int], where: str) -> None:
+    """Checksum and magic of every header at ``starts``, in order; the first bad one is the error.
+
+    The sums are computed for all headers at once with NumPy: summing 512 bytes in Python per
+    member was a third of the time a raw-pixel shard took to read."""
+    if not starts:
+        return
+    blocks = np.frombuffer(data, dtype=np.uint8)[np.asarray(starts)[:, None] + np.arange(BLOCK)]
+    sums = (blocks[:, :148].sum(axis=1, dtype=np.int64) + blocks[:, 156:].sum(axis=1, dtype=np.int64)
+            + 8 * 32).tolist()
+    magic_ok = (blocks[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all(axis=1).tolist()
+    for pos, total, magic in zip(starts, sums, magic_ok, strict=True):
+        if _octal(data[pos + 148:pos + 156], "checksum", where) != total or not magic:
+            raise DataError(f"{where}: corrupt tar header at byte {pos} (bad checksum or magic); "
+                            f"{_RERUN}.")
+
+
+# One C call per header: name, mode/uid/gid, size, mtime, checksum, type, link name, magic,
+# version, user/group names + device numbers, prefix (POSIX ustar layout, 512 bytes).
+_HEADER = struct.Struct("100s24s12s12s8sc100s6s2s80s155s12x")
+# A plain member name (what our writer and WebDataset tools write): no '/', so no escape to check.
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_.-]+")
+
+
+def _member(data: bytes, pos: int, size_limit: tuple[int, int], where: str) -> tuple[str, int]:
+    """(name, size) of the regular-file member whose header starts at ``pos``; DataError otherwise."""
+    raw_name, _, size_field, _, _, kind, _, magic, _, _, prefix = _HEADER.unpack_from(data, pos)
+    raw_name = raw_name.split(b"\x00", 1)[0]
+    if _PLAIN_NAME.fullmatch(raw_name) and raw_name not in (b".", b"..") and not (
+            magic == b"ustar\x00" and prefix[:1] not in (b"", b"\x00")):
+        name = raw_name.decode("ascii")  # the common case: nothing more to check in the name
+    else:
+        name = raw_name.decode("utf-8", "replace")
+        prefix_text = prefix.split(b"\x00", 1)[0].decode("utf-8", "replace")
+        if magic == b"ustar\x00" and prefix_text:
+            name = f"{prefix_text}/{name}"
+        _check_name(name, where)
+    if kind not in (b"0", b"\x00"):
+        if kind in _REFUSED_TYPES:
+            raise DataError(f"{where}: refusing tar member {name!r}: {_REFUSED_TYPES[kind]} "
+                            "(shards hold only regular files).")
+        raise DataError(f"{where}: refusing tar member {name!r}: unknown type {kind!r}.")
+    size = _octal(size_field, "size", where)
+    _check_size(name, size, pos + BLOCK, size_limit[0], where, size_limit[1])
+    return name, size
+
+
+_NAME_BYTES = np.zeros(256, dtype=bool)
+_NAME_BYTES[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-", dtype=np.uint8)] = True
+_OCTAL_DIGITS = np.zeros(256, dtype=bool)
+_OCTAL_DIGITS[np.frombuffer(b"01234567", dtype=np.uint8)] = True
+
+
+def _fast_scan(data: bytes, max_member_bytes: int) -> list[tuple[str, int, int]] | None:
+    """(name, data start, size) of every member when the archive is plainly valid, else None.
+
+    The common case, a shard as our writer (or GNU/BSD tar in ustar mode) writes it, checked for
+    all headers at once with NumPy: sizes as 11 octal digits + NUL, checksum as 6 octal digits +
+    NUL + space and equal to the header's sum, "ustar" magic, regular-file type, no prefix, a plain
+    name ([A-Za-z0-9_.-]), sizes within the limit and the archive, and the end-of-archive marker.
+    Anything else returns None and the member-by-member scan gives the exact error. Only the hop
+    from header to header (each size decides where the next header is) runs in Python."""
+    end, starts, sizes, pos = len(data), [], [], 0
+    try:
+        while pos + BLOCK <= end and data[pos] != 0:
+            size = int(data[pos + 124:pos + 135], 8)
+            if size < 0:  # "-1": would hop backwards; the member-by-member scan names it
+                return None
+            starts.append(pos)
+            sizes.append(size)
+            pos += BLOCK + size + (-size % BLOCK)
+    except ValueError:
+        return None
+    if not starts or pos < 0 or data[pos:pos + 2 * BLOCK] != bytes(2 * BLOCK):
+        return None
+    # Headers start on 512-byte boundaries: gather them as whole rows of the archive seen as blocks.
+    rows = np.frombuffer(data, dtype=np.uint8, count=end // BLOCK * BLOCK).reshape(-1, BLOCK)
+    blocks = rows[np.asarray(starts) // BLOCK]
+    size_arr = np.asarray(sizes, dtype=np.int64)
+    checksum = (blocks[:, 148:154].astype(np.int64) - ord("0")) @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
+    total = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    names = blocks[:, :100]
+    length = np.where((names == 0).any(axis=1), (names == 0).argmax(axis=1), 100)
+    in_name = np.arange(100)[None, :] < length[:, None]
+    ok = (_OCTAL_DIGITS[blocks[:, 124:135]].all(axis=1) & (blocks[:, 135] == 0)
+          & _OCTAL_DIGITS[blocks[:, 148:154]].all(axis=1) & (blocks[:, 154] == 0) & (blocks[:, 155] == 32)
+          & (checksum == total) & (blocks[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all(axis=1)
+          & ((blocks[:, 156] == ord("0")) | (blocks[:, 156] == 0)) & (blocks[:, 345] == 0)
+          & (length > 0) & (_NAME_BYTES[names] | ~in_name).all(axis=1)
+          & (size_arr <= max_member_bytes) & (np.asarray(starts) + BLOCK + size_arr <= end))
+    if not ok.all():
+        return None
+    out = []
+    for start, size, n in zip(starts, sizes, length.tolist(), strict=True):
+        name = data[start:start + n].decode("ascii")
+        if name in (".", ".."):
+            return None
+        out.append((name, start + BLOCK, size))
+    return out
 
 
 def iter_ustar(data: bytes, *, where: str,
@@ -152,40 +259,39 @@ def iter_ustar(data: bytes, *, where: str,
 
     Accepts only what ``write_shard`` (or any plain ustar/GNU writer) produces for regular
     files; links, devices, directories and extended headers are refused, every header checksum
-    and size is checked before its data is sliced, and the end-of-archive marker is required
-    (a tar cut at a member boundary would otherwise read as a valid, shorter shard).
+    and size is checked before any member is returned, and the end-of-archive marker is required
+    (a tar cut at a member boundary would otherwise read as a valid, shorter shard). Errors are
+    those of the first bad header, checksum first, as if headers were checked one by one.
     """
-    pos, zero = 0, bytes(BLOCK)
-    while True:
-        header = data[pos:pos + BLOCK]
-        if len(header) < BLOCK:
-            raise DataError(f"{where}: truncated tar (no end-of-archive marker after byte "
-                            f"{pos}); {_RERUN}.")
-        if header == zero:
-            if data[pos + BLOCK:pos + 2 * BLOCK] != zero:
-                raise DataError(f"{where}: truncated tar (incomplete end-of-archive marker at "
-                                f"byte {pos}); {_RERUN}.")
-            return
-        checksum = _octal(header[148:156], "checksum", where)
-        if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]) or \
-                not header[257:262] == b"ustar":
-            raise DataError(f"{where}: corrupt tar header at byte {pos} (bad checksum or magic); "
-                            f"{_RERUN}.")
-        name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
-        if header[257:263] == b"ustar\x00" and prefix:
-            name = f"{prefix}/{name}"
-        _check_name(name, where)
-        kind = header[156:157]
-        if kind in _REFUSED_TYPES:
-            raise DataError(f"{where}: refusing tar member {name!r}: {_REFUSED_TYPES[kind]} "
-                            "(shards hold only regular files).")
-        if kind not in (b"0", b"\x00"):
-            raise DataError(f"{where}: refusing tar member {name!r}: unknown type {kind!r}.")
-        size = _octal(header[124:136], "size", where)
-        _check_size(name, size, pos + BLOCK, len(data), where, max_member_bytes)
-        yield name, data[pos + BLOCK:pos + BLOCK + size]
-        pos += BLOCK + size + (-size % BLOCK)
+    fast = _fast_scan(data, max_member_bytes)
+    if fast is not None:
+        for name, start, size in fast:
+            yield name, data[start:start + size]
+        return
+    pos, zero, limits = 0, bytes(BLOCK), (len(data), max_member_bytes)
+    starts: list[int] = []
+    members: list[tuple[str, int, int]] = []
+    try:
+        while True:
+            header = data[pos:pos + BLOCK]
+            if len(header) < BLOCK:
+                raise DataError(f"{where}: truncated tar (no end-of-archive marker after byte "
+                                f"{pos}); {_RERUN}.")
+            if header == zero:
+                if data[pos + BLOCK:pos + 2 * BLOCK] != zero:
+                    raise DataError(f"{where}: truncated tar (incomplete end-of-archive marker at "
+                                    f"byte {pos}); {_RERUN}.")
+                break
+            starts.append(pos)
+            name, size = _member(data, pos, limits, where)
+            members.append((name, pos + BLOCK, size))
+            pos += BLOCK + size + (-size % BLOCK)
+    except DataError:
+        _check_headers(data, starts, where)  # a bad checksum before (or at) this header wins
+        raise
+    _check_headers(data, starts, where)
+    for name, start, size in members:
+        yield name, data[start:start + size]
 
 
 def _parse_int(text: bytes, *, what: str, where: str) -> int:
