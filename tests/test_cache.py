@@ -198,3 +198,25 @@ def test_a_schema1_store_without_labels_still_opens_and_resumes(tiny_pipeline: P
     prov = expected_provenance(Manifest.load(tiny_pipeline / "manifest.json"),
                                read_card(tiny_pipeline / "teacher.safetensors"), cache, aug)
     assert open_or_create(store_path, prov, cache, rebuild=False).provenance == store.provenance
+
+
+def test_a_bf16_store_verifies_within_the_stated_precision_gap(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """verify-cache recomputes in fp32: a store built under bf16 autocast is judged with the codec's
+    bound plus bf16's measured gap, and fails with the codec's bound alone (the gap is real)."""
+    from pipeline.cache.verify import KL_TOLERANCE, PRECISION_KL_TOLERANCE
+
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline, work, ignore=shutil.ignore_patterns("store.zarr"))
+    params = (work / "params.yaml").read_text().replace("cache: {", "cache: {mixed_precision: bf16, ")
+    (work / "params.yaml").write_text(params)
+    run([*AEKT, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
+         "teacher.safetensors", "--store", "store.zarr", "--no-progress"], work)
+    cache, aug = cfgs(work)
+    kw = dict(store_path=work / "store.zarr", manifest_path=work / "manifest.json", shards_dir=work / "shards",
+              teacher_path=work / "teacher.safetensors", cfg=cache, aug=aug, samples=200)
+    report = verify_cache(**kw)
+    assert report["ok"], report["failures"]
+    assert report["kl_tolerance"] == KL_TOLERANCE["fp32"] + PRECISION_KL_TOLERANCE["bf16"]
+    assert KL_TOLERANCE["fp32"] < report["kl_tau1_max"] < PRECISION_KL_TOLERANCE["bf16"]
+    strict = verify_cache(**kw, tolerance=KL_TOLERANCE["fp32"])
+    assert not strict["ok"] and "mixed_precision=bf16" in strict["failures"][0]

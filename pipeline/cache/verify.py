@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 # Max KL(fresh || decoded) at tau=1 accepted per codec: fp16 is near-lossless, int8 loses up to
 # range/510 per logit, topk flattens the tail (its error depends on k and the class count).
 KL_TOLERANCE = {"fp32": 1e-9, "fp16": 1e-4, "int8": 2e-3, "topk": 5e-2}
+# Added to the codec's bound for a store built under autocast (cache.mixed_precision), since this
+# check recomputes in fp32. bf16: ~4x the max KL(fp32 || bf16) at tau=1 that `aekt bench precision`
+# measured with the published CIFAR-10 ResNet-20/56 on real CIFAR-10 views (0.013 max, 3e-4 mean,
+# CPU autocast; docs/benchmarks.md). fp16 is not measured yet (it needs a GPU): it gets bf16's bound.
+PRECISION_KL_TOLERANCE = {"no": 0.0, "bf16": 5e-2, "fp16": 5e-2}
 
 
 def kl_at(reference: np.ndarray, approx: np.ndarray, tau: float) -> np.ndarray:
@@ -89,7 +94,8 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
                       - torch.softmax(torch.from_numpy(stored), 1).numpy()).max()
     disk = store.disk_bytes()
     payload = sum(v for k, v in disk.items() if k not in ("params", "done"))
-    limit = KL_TOLERANCE[prov.codec] if tolerance is None else tolerance
+    limit = (KL_TOLERANCE[prov.codec] + PRECISION_KL_TOLERANCE.get(prov.teacher_precision, 0.0)
+             if tolerance is None else tolerance)
     report = {
         "store": str(store_path), "codec": prov.codec, "codec_params": prov.codec_params,
         "checked": int(len(fresh)), "rows_done": int(done.sum()), "rows_total": int(done.size),
@@ -121,7 +127,8 @@ def failures(report: dict[str, Any], teacher_precision: str, bad_params: list[tu
     if not report["kl_tau1_max"] <= report["kl_tolerance"]:
         worst, far = report["worst_kl_tau1"], report["worst_abs_logit_error"]
         precision = (f"; the store was built with cache.mixed_precision={teacher_precision} and this "
-                     "check recomputes in fp32, so a larger --tolerance may be expected"
+                     "check recomputes in fp32: the bound includes that precision's stated gap "
+                     f"({PRECISION_KL_TOLERANCE.get(teacher_precision, 0.0):.3g})"
                      if teacher_precision != "no" else "")
         out.append(f"KL(fresh teacher || cached) at tau=1 reaches {report['kl_tau1_max']:.3g}, above the "
                    f"{report['codec']} tolerance {report['kl_tolerance']:.3g} (worst: view "
