@@ -34,6 +34,7 @@ from pipeline.device_decode import (
     decode_and_augment,
     decode_batch,
     eval_batch,
+    pil_luma,
     pixel_source,
     read_jpeg_frame,
 )
@@ -89,6 +90,13 @@ def test_the_jpeg_y_plane_is_not_pils_grey(jpegs: dict[str, bytes]) -> None:
     worst = max(_diff(decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.GRAY),
                       decode_image(d, channels=1, name=n)).max().item() for n, d in jpegs.items())
     assert worst > DECODE_MAX_ABS
+
+
+def test_pil_luma_is_pils_grey_conversion_exactly() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb[0, :8] = [[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)]  # the extremes
+    want = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert np.array_equal(pil_luma(torch.from_numpy(rgb).permute(2, 0, 1))[0].numpy(), want)
 
 
 def test_greyscale_jpeg_as_rgb_and_rgb_jpeg_as_grey(jpegs: dict[str, bytes]) -> None:
