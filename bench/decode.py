@@ -18,6 +18,7 @@ the two paths' outputs are compared pixel by pixel. Usage::
 
 from __future__ import annotations
 
+import sys
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -156,10 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3)
     parser.add_argument("--tar", type=Path, default=None, help=f"imagenet-sample tar (default: {SAMPLE_TAR} "
                                                                "beside or inside the checkout)")
-    parser.add_argument("--quick", action="store_true", help="32 images, batch 16, 1 round: the path end to end")
+    parser.add_argument("--quick", action="store_true",
+                        help="defaults of 32 images, batch 16, 1 round: the path end to end in seconds")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--quick" in argv:  # new defaults, so flags given beside --quick still win
+        parser.set_defaults(images=32, batch=16, rounds=1)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.images, args.batch, args.rounds = 32, 16, 1
     payload = run(device=args.device, images=args.images, batch=args.batch, size=args.size, channels=args.channels,
                   rounds=args.rounds, threads=args.threads, tar=args.tar, profile=args.profile)
     return finish_cli(args, payload, table(payload), name=NAME)
