@@ -10,7 +10,9 @@ replayable parameters, and one entry point both paths go through:
 - ``"device"``: :func:`decode_batch` decodes the JPEGs with ``torchvision.io.decode_jpeg`` on
   ``device`` (one batched nvJPEG call on CUDA, libjpeg-turbo on CPU), then :func:`apply_batch_rrc` /
   :func:`eval_batch` crop, resize and flip there. Other images (PNG, and JPEGs torchvision does not
-  take: CMYK, 12-bit, arithmetic or lossless coding) go through PIL and are moved to the device.
+  take: CMYK, 12-bit, arithmetic or lossless coding) go through PIL and are moved to the device, as
+  does a JPEG the decoder refuses (logged): PIL verified every stored image at prepare time, so it
+  decodes it or raises the ImageDecodeError naming it.
 
 Wiring (stage 1, stage 2, verify-cache, evaluation): one call per batch, keys as names::
 
@@ -144,8 +146,9 @@ def check_pixel_limit(frame: JpegFrame, *, name: str) -> None:
 def pil_luma(rgb: torch.Tensor) -> torch.Tensor:
     """uint8 [3, H, W] -> [1, H, W] with PIL's ``convert("L")`` arithmetic (ITU-R 601-2, 16-bit fixed point).
 
-    nvJPEG's greyscale output is the JPEG's own Y plane, which differs from PIL's L by up to 26 levels
-    on colour photos; converting decoded RGB with PIL's integers gives PIL's pixels exactly.
+    A decoder's greyscale output (libjpeg's or nvJPEG's) is the JPEG's own Y plane, up to 26 levels
+    off PIL's L on the imagenet-sample photos; converting decoded RGB with PIL's integers gives PIL's
+    pixels exactly.
     """
     r, g, b = rgb.to(torch.int32).unbind(0)
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[None]
@@ -167,36 +170,37 @@ def _encoded(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: no read-only warning
 
 
-def _decode_jpeg_cpu(encoded: torch.Tensor, name: str) -> torch.Tensor:
+def _refused(name: str, decoder: str, exc: RuntimeError) -> None:
+    # Shards hold only images PIL decoded at prepare time, so PIL gets the last word: it decodes the
+    # image, or raises the ImageDecodeError naming it.
+    logger.warning("%s: %s refused it (%s); decoding it with PIL instead", name, decoder, _torch_error(exc))
+
+
+def _decode_jpeg_cpu(encoded: torch.Tensor, name: str) -> torch.Tensor | None:
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB)
     except RuntimeError as exc:
-        raise ImageDecodeError(f"{name}: corrupt or truncated JPEG: {_torch_error(exc)}") from exc
+        return _refused(name, "libjpeg (torchvision)", exc)
 
 
-def _decode_jpeg_cuda_one(encoded: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+def _decode_jpeg_cuda(encoded: torch.Tensor, name: str, device: torch.device) -> torch.Tensor | None:
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as exc:
-        image = _decode_jpeg_cpu(encoded, name)  # raises ImageDecodeError if libjpeg refuses it too
-        logger.warning("%s: nvJPEG refused it (%s); decoded with libjpeg on the CPU instead", name,
-                       _torch_error(exc))
-        return image.to(device)
+        return _refused(name, "nvJPEG", exc)
 
 
-def decode_jpegs_rgb(datas: Sequence[bytes], *, device: torch.device, names: Sequence[str]) -> list[torch.Tensor]:
-    """Decode JPEGs to uint8 RGB [3, H, W] on ``device``: one batched nvJPEG call on CUDA.
-
-    A failed batch is decoded image by image to find the culprit; an image nvJPEG refuses is tried
-    with libjpeg on the CPU before it becomes an ImageDecodeError naming it.
-    """
+def decode_jpegs_rgb(datas: Sequence[bytes], *, device: torch.device,
+                     names: Sequence[str]) -> list[torch.Tensor | None]:
+    """Decode JPEGs to uint8 RGB [3, H, W]: one batched nvJPEG call on CUDA, libjpeg on the CPU
+    otherwise; None where the decoder refuses an image (a failed batch is retried image by image)."""
     encoded = [_encoded(d) for d in datas]
     if device.type != "cuda":
-        return [_decode_jpeg_cpu(e, n).to(device) for e, n in zip(encoded, names, strict=True)]
+        return [_decode_jpeg_cpu(e, n) for e, n in zip(encoded, names, strict=True)]
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        return [_decode_jpeg_cuda_one(e, n, device) for e, n in zip(encoded, names, strict=True)]
+        return [_decode_jpeg_cuda(e, n, device) for e, n in zip(encoded, names, strict=True)]
 
 
 def _check_batch(datas: Sequence[bytes], names: Sequence[str], channels: int) -> None:
@@ -210,9 +214,10 @@ def decode_batch(datas: Sequence[bytes], *, channels: int, device: torch.device 
                  names: Sequence[str]) -> list[torch.Tensor]:
     """Decode encoded images to uint8 [C, H, W] tensors on ``device`` (C = ``channels``, 1 or 3).
 
-    JPEGs that torchvision decodes go through ``decode_jpeg`` on ``device``; everything else through
-    PIL (``decode_image``), moved to ``device``. Raises ImageDecodeError naming the sample for corrupt
-    or truncated bytes, non-images and images above ``PIL.Image.MAX_IMAGE_PIXELS``. Tensors keep the
+    JPEGs that torchvision decodes go through ``decode_jpeg`` on ``device``; everything else, and any
+    JPEG the decoder refuses, through PIL (``decode_image``), moved to ``device``. Raises
+    ImageDecodeError naming the sample for corrupt or truncated bytes, non-images and images above
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (the last from the JPEG header, before decoding). Tensors keep the
     decoder's memory layout (libjpeg's is channels-last): the CPU's uint8 resize reads it directly,
     ~30 % faster than from a contiguous copy, and with the same values.
     """
@@ -227,8 +232,8 @@ def decode_batch(datas: Sequence[bytes], *, channels: int, device: torch.device 
                 frames[i] = frame
     rgb = decode_jpegs_rgb([datas[i] for i in frames], device=device,
                            names=[names[i] for i in frames]) if frames else []
-    out = {i: _to_channels(image, frame.components, channels)
-           for (i, frame), image in zip(frames.items(), rgb, strict=True)}
+    out = {i: _to_channels(image.to(device), frame.components, channels)
+           for (i, frame), image in zip(frames.items(), rgb, strict=True) if image is not None}
     return [out[i] if i in out else decode_image(data, channels=channels, name=name).to(device)
             for i, (data, name) in enumerate(zip(datas, names, strict=True))]
 

@@ -15,6 +15,7 @@ Tolerances, measured on all 623 imagenet-sample JPEGs (torchvision 0.29.1, Pillo
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline import augment
+from pipeline import augment, device_decode
 from pipeline.data import ImageDecodeError, decode_image
 from pipeline.data.images import encode_png
 from pipeline.device_decode import (
@@ -55,6 +56,11 @@ def jpegs(shared_data: Path) -> dict[str, bytes]:
         members = [m for m in tar.getmembers() if m.isfile()]
         chosen = members[::26] + [m for m in members if m.name in GREY_MEMBERS]
         return {m.name: tar.extractfile(m).read() for m in chosen}  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def rgb_images(jpegs: dict[str, bytes]) -> list[torch.Tensor]:
+    return decode_batch(list(jpegs.values()), channels=3, device=CPU, names=list(jpegs))
 
 
 def _params(n: int, view: int = 0) -> np.ndarray:
@@ -120,8 +126,8 @@ def test_frame_header_gives_the_size_without_decoding(jpegs: dict[str, bytes]) -
 
 # ---- (b) RRC parity ------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [224, 96])
-def test_rrc_matches_augment_apply_exactly(jpegs: dict[str, bytes], size: int) -> None:
-    images = decode_batch(list(jpegs.values()), channels=3, device=CPU, names=list(jpegs))
+def test_rrc_matches_augment_apply_exactly(rgb_images: list[torch.Tensor], size: int) -> None:
+    images = rgb_images
     for view in (0, 1):
         params = _params(len(images), view)
         assert 0 < params[:, 4].sum() < len(images)  # both flip branches exercised
@@ -131,17 +137,17 @@ def test_rrc_matches_augment_apply_exactly(jpegs: dict[str, bytes], size: int) -
             assert torch.equal(batch[i], augment.apply("imagenet", image, row, size=size)), (view, i)
 
 
-def test_eval_batch_matches_eval_transform(jpegs: dict[str, bytes]) -> None:
-    images = decode_batch(list(jpegs.values()), channels=3, device=CPU, names=list(jpegs))
+def test_eval_batch_matches_eval_transform(rgb_images: list[torch.Tensor]) -> None:
+    images = rgb_images[::2]
     batch = eval_batch(images, size=224)
     for i, image in enumerate(images):
         assert torch.equal(batch[i], augment.eval_transform("imagenet", image, size=224))
 
 
-def test_float_resize_the_gpu_runs_is_within_one_level(jpegs: dict[str, bytes]) -> None:
+def test_float_resize_the_gpu_runs_is_within_one_level(rgb_images: list[torch.Tensor]) -> None:
     # CUDA has no uint8 antialiased resize: torchvision resizes in float32 and rounds. The same
     # arithmetic on CPU bounds the device-vs-CPU RRC difference asserted on a GPU below.
-    images = decode_batch(list(jpegs.values()), channels=3, device=CPU, names=list(jpegs))
+    images = rgb_images[:12]
     params = _params(len(images))
     exact = apply_batch_rrc(images, params, size=224)
     as_float = apply_batch_rrc([im.float() for im in images], params, size=224).round().to(torch.uint8)
@@ -177,9 +183,14 @@ def test_paths_agree_within_the_decode_tolerance(jpegs: dict[str, bytes]) -> Non
 
 
 def test_fixed_size_recipe_goes_through_the_same_function(shared_data: Path) -> None:
+    datas, names = [], []
     with tarfile.open(shared_data / "cifar10-images" / "test.tar") as tar:
-        members = [m for m in tar.getmembers() if m.isfile()][:16]
-        datas, names = [tar.extractfile(m).read() for m in members], [m.name for m in members]  # type: ignore[union-attr]
+        for member in tar:  # the first 16 files, without indexing all 10,000 members
+            if member.isfile():
+                datas.append(tar.extractfile(member).read())  # type: ignore[union-attr]
+                names.append(member.name)
+            if len(datas) == 16:
+                break
     params = augment.sample_params("cifar", seed=0, view=0, indices=np.arange(16))
     want = torch.stack([augment.apply("cifar", decode_image(d, channels=3, name=n), p)
                         for d, n, p in zip(datas, names, params, strict=True)])
@@ -207,6 +218,24 @@ def test_corrupt_image_names_the_sample(jpegs: dict[str, bytes], kind: str, path
     names[2] = bad
     with pytest.raises(ImageDecodeError, match=rf"^{re.escape(bad)}: (corrupt|truncated|not a recognised)"):
         decode_and_augment(datas, _params(4), path=path, channels=3, size=64, device=CPU, names=names)
+
+
+def test_an_image_the_decoder_refuses_goes_to_pil(jpegs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    names, datas = list(jpegs)[:3], list(jpegs.values())[:3]
+    refused, real = torch.frombuffer(bytearray(datas[1]), dtype=torch.uint8), device_decode.decode_jpeg
+
+    def picky(data: torch.Tensor, **kw) -> torch.Tensor:
+        if torch.equal(data, refused):
+            raise RuntimeError("decode_jpeg, /src/decode_jpeg.cpp:171, Unsupported marker type 0xf7")
+        return real(data, **kw)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", picky)
+    with caplog.at_level(logging.WARNING, logger="pipeline.device_decode"):
+        out = decode_batch(datas, channels=3, device=CPU, names=names)
+    assert torch.equal(out[1], decode_image(datas[1], channels=3, name=names[1]))
+    assert f"{names[1]}: libjpeg (torchvision) refused it (Unsupported marker type 0xf7); decoding it with PIL" \
+        in caplog.text and names[0] not in caplog.text
 
 
 def test_decompression_bomb_refused_from_the_header(jpegs: dict[str, bytes],
