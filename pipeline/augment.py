@@ -144,11 +144,18 @@ def apply(recipe: str, image: torch.Tensor, params: np.ndarray | torch.Tensor, *
     info = recipe_info(recipe)
     if info.fixed_size:
         return apply_batch(recipe, image[None], params_t[None])[0]
-    top, left, h, w = crop_box(params_t, image.shape[-2], image.shape[-1])
-    out = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    out = resized_crop(image, params_t, size=size)
     if params_t[4] >= 0.5:
         out = out.flip(-1)
     return out
+
+
+def resized_crop(image: torch.Tensor, params: np.ndarray | torch.Tensor, *, size: int) -> torch.Tensor:
+    """imagenet recipe before its flip: the :func:`crop_box` of ``params`` resized to ``size`` x ``size``
+    (antialiased bilinear, on the image's device). Shared with ``device_decode.apply_batch_rrc``,
+    which flips a whole batch at once."""
+    top, left, h, w = crop_box(params, image.shape[-2], image.shape[-1])
+    return TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
 
 
 def eval_transform(recipe: str, image: torch.Tensor, *, size: int = 224) -> torch.Tensor:

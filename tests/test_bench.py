@@ -204,3 +204,17 @@ def test_gpu_protocol_r56_fills_what_the_user_did_not_set(tmp_path: Path) -> Non
     assert params["augment"]["views"] == 10
     assert (params["teacher"]["arch"], params["teacher"]["finetune"]) == ("resnet56_a", True)
     assert params["teacher"]["checkpoint"] == str(weights.resolve())
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+def test_decode_writes_ratios_and_pixel_difference(tmp_path: Path, shared_data: Path) -> None:
+    from bench import decode
+
+    tar = shared_data / "imagenet-sample" / "val.tar"
+    assert decode.main(["--quick", "--images", "8", "--tar", str(tar), "--out-dir", str(tmp_path)]) == 0
+    payload = load_strict(tmp_path / "decode-cpu.json")
+    check_common(payload, "decode")
+    assert payload["config"]["images"] == 8 and payload["config"]["rounds"] == 1  # flags beside --quick win
+    assert set(payload["images_per_s"]) == {a for pair in decode.PAIRS for a in pair}
+    assert all(r["median"] > 0 for r in payload["ratios"].values())
+    assert payload["pil_vs_device_pixels"]["max_abs"] <= 2  # the decode tolerance of test_device_decode
