@@ -199,6 +199,11 @@ class AugmentConfig(Section):
     views: int = _opt(8, lo=1, hi=1000)
     # Output side for the imagenet recipe (RandomResizedCrop size); ignored by fixed-size recipes.
     size: int = _opt(224, lo=8, hi=4096)
+    # Where encoded (JPEG/PNG) shards are decoded and augmented: "pil" in the DataLoader workers, or
+    # "device" on the teacher's/student's device in batches (nvJPEG on a GPU; pipeline/device_decode.py).
+    # Raw shards hold pixels: nothing to decode, both give the same. The store records the pixel
+    # source; stage 2 must decode the same way on the same kind of device.
+    decode: str = _opt("pil", choices=("pil", "device"))
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, met
     model, card = load_model(model_path)
     manifest = Manifest.load(manifest_path)
     spec = StreamSpec(manifest_path=manifest_path, shards_dir=shards_dir, split="test", recipe=aug.recipe,
-                      image_size=aug.size, aug_seed=aug.seed, views=1, train=False)
+                      image_size=aug.size, aug_seed=aug.seed, views=1, train=False, decode=aug.decode)
     device = inference_device(cfg.device, "params.yaml eval.device")
     logits, labels = predict(model.to(device), ShardStream(spec), device=device, batch_size=cfg.batch_size,
                              workers=cfg.workers, norm=Normalization.from_card(card), desc="evaluate student")

@@ -49,6 +49,9 @@ class StreamSpec:
     # whole batch on its device (augment.apply_batch, the function apply() itself calls), instead of
     # ~10 small tensor ops per sample in the workers.
     batch_augment: bool = False
+    # augment.decode: "device" leaves encoded (JPEG/PNG) images undecoded in the workers; the trainer
+    # decodes and augments each batch on its device (``batch_images``). Raw shards ignore it.
+    decode: str = "pil"
 
 
 def epoch_view(spec: StreamSpec, epoch: int, shard: int) -> int:
@@ -145,15 +148,19 @@ class ShardStream(IterableDataset):
         order = (np.random.default_rng([spec.seed, self.epoch, shard, 1]).permutation(n)
                  if spec.train else np.arange(n))
         fixed = augment.recipe_info(spec.recipe).fixed_size
-        deferred = spec.train and spec.batch_augment and fixed
-        step = n if fixed else DECODE_CHUNK
+        on_device = spec.decode == "device" and manifest.image_format != "raw"
+        deferred = spec.train and (on_device or (spec.batch_augment and fixed))
+        step = n if fixed or on_device else DECODE_CHUNK
         for lo in range(0, n, step):
             rows = order[lo:lo + step]
-            images = decode_stack([samples[i].image for i in rows], channels=manifest.channels,
-                                  names=[f"{info.name}:{samples[i].key}" for i in rows])
+            images: torch.Tensor | list = [samples[i].image for i in rows]  # still encoded: on_device
+            if not on_device:
+                images = decode_stack(images, channels=manifest.channels,
+                                      names=[f"{info.name}:{samples[i].key}" for i in rows])
             p = torch.from_numpy(np.array(params[rows], dtype=np.float32))
             if not deferred:
-                images, p = self._transform(images, p), torch.zeros((len(rows), 0))
+                images = images if on_device else self._transform(images, p)
+                p = torch.zeros((len(rows), 0))
             yield ShardTensors(image=images, label=torch.from_numpy(labels[rows]),
                                index=torch.from_numpy(indices[rows]),
                                view=torch.full((len(rows),), view, dtype=torch.int64),
@@ -174,10 +181,11 @@ class ShardStream(IterableDataset):
 
 @dataclass
 class ShardTensors:
-    """Rows of one shard (or of a batch): uint8 images [n, C, h, w], int64 label/index/view, float32
-    teacher logits [n, K] (K = 0 without a store) and params still to apply [n, P] (P = 0 when applied)."""
+    """Rows of one shard (or of a batch): uint8 images [n, C, h, w] (or the n encoded images, a list of
+    bytes, for augment.decode: device), int64 label/index/view, float32 teacher logits [n, K] (K = 0
+    without a store) and params still to apply [n, P] (P = 0 when applied)."""
 
-    image: torch.Tensor
+    image: torch.Tensor | list
     label: torch.Tensor
     index: torch.Tensor
     view: torch.Tensor
@@ -194,7 +202,28 @@ class ShardTensors:
     def cat(parts: list[ShardTensors]) -> ShardTensors:
         if len(parts) == 1:
             return parts[0]
-        return ShardTensors(**{k: torch.cat([vars(p)[k] for p in parts]) for k in vars(parts[0])})
+        return ShardTensors(**{k: _cat([vars(p)[k] for p in parts]) for k in vars(parts[0])})
+
+
+def _cat(values: list) -> torch.Tensor | list:
+    return torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+
+
+def batch_images(batch: dict, spec: StreamSpec, *, channels: int, device: torch.device) -> torch.Tensor:
+    """A batch's uint8 images [B, C, h, w] on ``device``, ready for the model's normalisation: encoded
+    images (augment.decode: device) decoded and augmented there with the batch's params (the
+    test-time view for an eval stream), or deferred params (batch_augment) applied there."""
+    params = batch.get("params")
+    if isinstance(batch["image"], list):
+        from pipeline.device_decode import decode_and_augment
+
+        return decode_and_augment(batch["image"], params if spec.train else None, path="device",
+                                  channels=channels, size=spec.image_size, device=device,
+                                  names=[f"sample {i}" for i in batch["index"].tolist()], recipe=spec.recipe)
+    images = batch["image"].to(device, non_blocking=True)
+    if params is not None and params.numel():
+        images = augment.apply_batch(spec.recipe, images, params.to(device, non_blocking=True))
+    return images
 
 
 class BatchStream(IterableDataset):

@@ -47,7 +47,9 @@ def check_store(paths: StudentPaths, manifest: Manifest, cache: CacheConfig, aug
                 train: TrainConfig) -> LogitStore:
     """Refuse a store that was not built from these inputs, or that is unfinished."""
     store = LogitStore.open(paths.store)
-    expected = expected_provenance(manifest, read_card(paths.teacher), cache, aug)
+    # the device fit() trains on: the pixel source must be the store's (pipeline/device_decode.py)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = expected_provenance(manifest, read_card(paths.teacher), cache, aug, device_type)
     diff = store.provenance.mismatches(expected)
     if diff:
         raise CacheError(f"{paths.store}: the cache does not match this run's inputs — " + "; ".join(diff)
@@ -127,7 +129,7 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
     norm = model_normalization(student.arch, aug.recipe)  # the student normalises for itself
     views = store.provenance.views if store else aug.views
     common = dict(manifest_path=paths.manifest, shards_dir=paths.shards_dir, recipe=aug.recipe,
-                  image_size=aug.size, aug_seed=aug.seed, views=views, seed=train.seed)
+                  image_size=aug.size, aug_seed=aug.seed, views=views, seed=train.seed, decode=aug.decode)
     job = TrainJob(
         model=build_student(student.arch, manifest, loss, train.seed), sched=train, loss=loss,
         train=StreamSpec(split="train", view_policy=train.view_policy, batch_augment=True,

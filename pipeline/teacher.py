@@ -79,7 +79,7 @@ def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metri
     manifest = Manifest.load(manifest_path)
     norm = model_normalization(cfg.arch, aug.recipe)
     common = dict(manifest_path=manifest_path, shards_dir=shards_dir, recipe=aug.recipe,
-                  image_size=aug.size, aug_seed=aug.seed + TEACHER_SEED_OFFSET, views=cfg.epochs,
+                  image_size=aug.size, aug_seed=aug.seed + TEACHER_SEED_OFFSET, views=cfg.epochs, decode=aug.decode,
                   seed=cfg.seed)
     test = StreamSpec(split="test", train=False, **common)
     history: list[dict[str, Any]] = []

@@ -31,7 +31,7 @@ from pipeline.live import LiveLog, StepSeries, gather_sums, merge_points
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, loss_warmup
 from pipeline.progress import Progress, RunClock, format_eta
 from pipeline.run_state import load_checkpoint, save_checkpoint
-from pipeline.stream import ShardStream, StreamSpec
+from pipeline.stream import ShardStream, StreamSpec, batch_images
 from pipeline.train_checks import check_finite, check_finite_weights, probe_term_grads
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,9 @@ def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimize
                                                                      dict[str, torch.Tensor]]:
     """One optimiser step; returns detached loss terms and gradient norms (device tensors) and stats."""
     device = accelerator.device
-    images = batch["image"].to(device, non_blocking=True)
-    params = batch.get("params")
-    if params is not None and params.numel():  # augmentation deferred to the batch (stream batch_augment)
-        images = augment.apply_batch(recipe, images, params.to(device, non_blocking=True))
     assert job.norm is not None and job.teacher_norm is not None
+    # deferred augmentation (stream batch_augment) or decoding (augment.decode: device) happen here
+    images = batch_images(batch, job.train, channels=len(job.norm.mean), device=device)
     x = to_device_layout(job.norm(images))
     y = batch["label"].to(device, non_blocking=True)
     with accelerator.accumulate(model), accelerator.autocast():
@@ -230,7 +228,7 @@ def predict(model: torch.nn.Module, stream: ShardStream, *, device: torch.device
                    logger=log)
     for batch in bar.wrap(build_loader(stream, batch_size, workers, device.type == "cuda"),
                           units=lambda b: len(b["label"])):
-        out = model(norm(batch["image"].to(device)))
+        out = model(norm(batch_images(batch, stream.spec, channels=len(norm.mean), device=device)))
         logits.append((out[0] if isinstance(out, tuple) else out).float().cpu())
         labels.append(batch["label"])
     model.train(was_training)

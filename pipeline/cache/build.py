@@ -25,14 +25,23 @@ from pipeline.cache.writer import (
 )
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
+from pipeline.device_decode import pixel_source
 from pipeline.distributed import make_accelerator
 
 log = logging.getLogger(__name__)
 
 
+def pixel_source_of(manifest: Manifest, aug: AugmentConfig, device_type: str) -> str:
+    """The pixel source of ``aug.decode`` on ``device_type``; raw shards hold pixels: always "pil"."""
+    if aug.decode == "pil" or manifest.image_format == "raw":
+        return "pil"
+    return pixel_source(aug.decode, device_type)
+
+
 def expected_provenance(manifest: Manifest, teacher_card: dict[str, Any], cfg: CacheConfig,
-                        aug: AugmentConfig) -> Provenance:
-    """The provenance a store built from these inputs carries (stage 2 recomputes and compares)."""
+                        aug: AugmentConfig, device_type: str = "cpu") -> Provenance:
+    """The provenance a store built from these inputs on ``device_type`` carries (stage 2 recomputes
+    it for its own device and compares)."""
     split = manifest.splits["train"]
     for i, shard in enumerate(split.shards):
         if shard.start != i * manifest.shard_size or shard.count != shard.end - shard.start:
@@ -51,7 +60,8 @@ def expected_provenance(manifest: Manifest, teacher_card: dict[str, Any], cfg: C
         augment_seed=aug.seed,
         image_size=aug.size, views=aug.views, codec=cfg.codec, codec_params=codec_params,
         num_classes=manifest.num_classes, num_samples=split.num_samples,
-        shard_size=manifest.shard_size, num_params=augment.recipe_info(aug.recipe).num_params)
+        shard_size=manifest.shard_size, num_params=augment.recipe_info(aug.recipe).num_params,
+        pixel_source=pixel_source_of(manifest, aug, device_type))
 
 
 def store_bytes_estimate(prov: Provenance) -> int:
@@ -84,7 +94,7 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
     accelerator = make_accelerator(cpu=not torch.cuda.is_available())
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
-    prov = expected_provenance(manifest, card, cfg, aug)
+    prov = expected_provenance(manifest, card, cfg, aug, accelerator.device.type)
     check_free_space(Path(store_path), prov)  # before the lock, the teacher on the device, any row
     source = ShardSource(manifest, Path(shards_dir))
     main = accelerator.is_main_process

@@ -35,6 +35,10 @@ class Provenance:
     num_samples: int
     shard_size: int
     num_params: int
+    # Which code made the pixels the teacher saw (pipeline.device_decode.pixel_source): "pil", or
+    # "device-cpu" / "device-cuda" for augment.decode: device on encoded shards. Stores written
+    # before it existed were all "pil".
+    pixel_source: str = "pil"
 
     @property
     def num_shards(self) -> int:
@@ -60,6 +64,7 @@ class Provenance:
             raise CacheError(f"{where}: attrs have no 'provenance' mapping; not a logit store written "
                              "by `aekt cache`.")
         expected = {f.name: f.type for f in fields(cls)}
+        raw = {"pixel_source": "pil"} | raw  # optional: stores written before it existed
         missing = sorted(set(expected) - set(raw))
         if missing:
             raise CacheError(f"{where}: provenance lacks {', '.join(missing)}; rebuild the store with "

@@ -23,6 +23,7 @@ from pipeline.cache.store import CacheError, LogitStore
 from pipeline.cache.writer import ShardSource, augment_views, teacher_logits
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
+from pipeline.device_decode import decode_and_augment
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     store = LogitStore.open(store_path)
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
-    diff = store.provenance.mismatches(expected_provenance(manifest, card, cfg, aug))
+    # A store decoded on a GPU (augment.decode: device) is replayed there, when this machine has one.
+    device = torch.device("cuda" if store.provenance.pixel_source == "device-cuda" and torch.cuda.is_available()
+                          else "cpu")
+    diff = store.provenance.mismatches(expected_provenance(manifest, card, cfg, aug, device.type))
     if diff:
         raise CacheError(f"{store_path}: built from other inputs — " + "; ".join(diff) +
                          ". Rebuild it with `aekt cache --rebuild`.")
@@ -74,14 +78,20 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     norm = augment.Normalization.from_card(card)  # the teacher's own input normalisation
     per_row = max(1, samples // len(picked))
     for view, shard in Progress(len(picked), "verify-cache rows", "row", logger=log).wrap(picked):
-        keys, images, labels, indices = source.load(int(shard))
+        on_device = prov.pixel_source != "pil"
+        keys, images, labels, indices = source.load(int(shard), decode=not on_device)
         rows = rng.choice(len(keys), size=min(per_row, len(keys)), replace=False)
         stored, params = store.read_row(int(view), int(shard), labels)
         expected = augment.sample_params(prov.recipe, seed=prov.augment_seed, view=int(view),
                                          indices=indices)
         bad_params += [(int(view), int(indices[i]), keys[i], params[i].tolist(), expected[i].tolist())
                        for i in np.flatnonzero((params != expected).any(axis=1))]
-        views = augment_views(prov.recipe, [images[i] for i in rows], params[rows], prov.image_size)
+        if on_device:  # the path stage 1 took (pipeline/device_decode.py)
+            views = decode_and_augment([images[i] for i in rows], params[rows], path="device",
+                                       channels=manifest.channels, size=prov.image_size, device=device,
+                                       names=[keys[i] for i in rows], recipe=prov.recipe).cpu()
+        else:
+            views = augment_views(prov.recipe, [images[i] for i in rows], params[rows], prov.image_size)
         fresh = teacher_logits(teacher, views, norm, batch_size=cfg.batch_size,
                                device=torch.device("cpu"), mixed_precision="no")
         fresh_all.append(fresh)

@@ -41,14 +41,17 @@ class ShardSource:
     shards_dir: Path
     split: str = "train"
 
-    def load(self, shard: int) -> tuple[list[str], torch.Tensor | list[torch.Tensor], np.ndarray, np.ndarray]:
+    def load(self, shard: int, *, decode: bool = True
+             ) -> tuple[list[str], torch.Tensor | list[torch.Tensor] | list[bytes], np.ndarray, np.ndarray]:
         """(keys, images, labels, indices) of one shard, checked against the manifest (sha256, labels
-        within its classes, indices)."""
+        within its classes, indices); ``decode=False`` leaves the images encoded (augment.decode:
+        device decodes them on the teacher's device)."""
         info = self.manifest.splits[self.split].shards[shard]
         samples = self.manifest.read_shard(self.shards_dir, self.split, shard)
-        # One uint8 tensor when the images share a size (raw shards: one copy, no decode).
-        images = decode_stack([s.image for s in samples], channels=self.manifest.channels,
-                              names=[f"{info.name}:{s.key}" for s in samples])
+        images: torch.Tensor | list = [s.image for s in samples]
+        if decode:  # one uint8 tensor when the images share a size (raw shards: one copy, no decode)
+            images = decode_stack(images, channels=self.manifest.channels,
+                                  names=[f"{info.name}:{s.key}" for s in samples])
         return ([s.key for s in samples], images, np.array([s.label for s in samples]),
                 np.array([s.index for s in samples]))
 
@@ -81,12 +84,16 @@ class _ViewItems(IterableDataset):
         views_of: dict[int, list[int]] = {}
         for view, shard in mine:
             views_of.setdefault(shard, []).append(view)
+        on_device = self.aug.decode == "device" and self.source.manifest.image_format != "raw"
         for shard, views in views_of.items():
-            keys, images, labels, indices = self.source.load(shard)
+            keys, images, labels, indices = self.source.load(shard, decode=not on_device)
             for view in views:
                 params = augment.sample_params(self.aug.recipe, seed=self.aug.seed, view=view, indices=indices)
-                yield {"view": view, "shard": shard, "keys": keys, "labels": labels, "params": params,
-                       "images": augment_views(self.aug.recipe, images, params, self.aug.size)}
+                item = {"view": view, "shard": shard, "keys": keys, "labels": labels, "params": params}
+                if on_device:  # decoded and augmented on the teacher's device by write_items
+                    yield item | {"encoded": images}
+                else:
+                    yield item | {"images": augment_views(self.aug.recipe, images, params, self.aug.size)}
 
 
 @contextmanager
@@ -153,6 +160,22 @@ def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, norm: augment
     return torch.cat(out).numpy()
 
 
+def device_view_logits(teacher: torch.nn.Module, item: dict, norm: augment.Normalization, aug: AugmentConfig, *,
+                       channels: int, batch_size: int, device: torch.device, mixed_precision: str) -> np.ndarray:
+    """augment.decode: device: each batch of the item's encoded images is decoded and augmented with
+    its params on ``device`` (pipeline.device_decode), then goes through the teacher."""
+    from pipeline.device_decode import decode_and_augment
+
+    out = []
+    for lo in range(0, len(item["keys"]), batch_size):
+        rows = slice(lo, lo + batch_size)
+        views = decode_and_augment(item["encoded"][rows], item["params"][rows], path="device", channels=channels,
+                                   size=aug.size, device=device, names=item["keys"][rows], recipe=aug.recipe)
+        out.append(teacher_logits(teacher, views, norm, batch_size=batch_size, device=device,
+                                  mixed_precision=mixed_precision))
+    return np.concatenate(out)
+
+
 def _finish_item(store: LogitStore, item: dict, logits: np.ndarray) -> None:
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
@@ -188,8 +211,13 @@ def write_items(store: LogitStore, source: ShardSource, teacher: torch.nn.Module
                              logger=log).wrap(loader):
             # The DataLoader turns numpy arrays into tensors; the store wants numpy.
             item["params"], item["labels"] = np.asarray(item["params"]), np.asarray(item["labels"])
-            logits = teacher_logits(teacher, item["images"], norm, batch_size=cfg.batch_size,
-                                    device=device, mixed_precision=cfg.mixed_precision)
+            if "encoded" in item:
+                logits = device_view_logits(teacher, item, norm, aug, channels=source.manifest.channels,
+                                            batch_size=cfg.batch_size, device=device,
+                                            mixed_precision=cfg.mixed_precision)
+            else:
+                logits = teacher_logits(teacher, item["images"], norm, batch_size=cfg.batch_size,
+                                        device=device, mixed_precision=cfg.mixed_precision)
             pending.append(writer.submit(_finish_item, store, item, logits))
             # Surface write errors early and bound memory to a couple of items in flight.
             while len(pending) > 2:
