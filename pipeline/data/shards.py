@@ -5,17 +5,26 @@ members sorted by (index, extension) so WebDataset sees each key's files togethe
 fixed (mtime 0, uid/gid 0, empty owner names, mode 0644, USTAR), so the same samples always give
 the same bytes and the manifest's sha256 is reproducible. Readers trust nothing in a shard: every
 member's name, type and size is checked before its bytes are read, and nothing is unpickled.
+
+Shards are read as a stream from webdataset's opener (``location.open_for_reading``: a local path,
+``pipe:``, ``http(s)://``, or an object store through fsspec): each header is validated before its
+member's bytes are read, and the sha256 is computed as the bytes pass and checked when the stream
+ends, so a run over URLs reads exactly the bytes a run over local files reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
+from pipeline.data.location import Location, as_location, open_for_reading
 from pipeline.data.samples import IMAGE_EXTS, DataError, Sample
 
 # Bounds a member before its bytes are read: the largest ImageNet JPEG is ~15 MB.
@@ -146,23 +155,96 @@ def _octal(field: bytes, what: str, where: str) -> int:
     return int(text, 8)
 
 
-def iter_ustar(data: bytes, *, where: str,
+class ShardReader:
+    """A shard's byte stream, hashed as it is read; ``finish`` reads to the end and checks the sha256.
+
+    Reads are exact (``read(n)`` returns fewer than n bytes only at the end of the stream) and an
+    OSError while streaming (a dropped connection, a failing pipe) becomes a DataError naming the
+    shard. The sha256 covers every byte of the stream, including what follows the end marker.
+    """
+
+    def __init__(self, raw: IO[bytes], *, where: str, expected_sha256: str | None = None):
+        self.raw, self.where, self.expected = raw, where, expected_sha256
+        self.hash = hashlib.sha256()
+        self.finished = False
+
+    def read(self, n: int) -> bytes:
+        parts, want = [], n
+        while want > 0:
+            try:
+                chunk = self.raw.read(want)
+            except OSError as exc:
+                raise DataError(f"{self.where}: cannot read: {exc}; {_RERUN}.") from exc
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+        data = b"".join(parts)
+        self.hash.update(data)
+        return data
+
+    def finish(self) -> None:
+        """Read the rest of the stream, close it, and raise if the sha256 differs from the manifest's."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            while self.read(1 << 20):
+                pass
+        finally:
+            self.close()
+        actual = self.hash.hexdigest()
+        if self.expected is not None and actual != self.expected:
+            raise DataError(f"{self.where}: sha256 {actual} does not match the manifest's "
+                            f"{self.expected}: the shard is corrupt or was rewritten; {_RERUN}.")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a pipe: command that failed after we read what we needed
+            self.raw.close()
+
+
+def open_shard(path: Location, *, where: str, expected_sha256: str | None = None) -> ShardReader:
+    """Open the shard at ``path`` (local path or URL) with webdataset's opener, for ``iter_ustar``."""
+    try:
+        raw = open_for_reading(path)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
+    return ShardReader(raw, where=where, expected_sha256=expected_sha256)
+
+
+def iter_ustar(data: bytes | ShardReader, *, where: str,
                max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each member of an in-memory ustar archive, strictly validated.
+    """(name, bytes) of each member of a ustar archive (bytes, or a stream from ``open_shard``),
+    strictly validated.
 
     Accepts only what ``write_shard`` (or any plain ustar/GNU writer) produces for regular
     files; links, devices, directories and extended headers are refused, every header checksum
-    and size is checked before its data is sliced, and the end-of-archive marker is required
-    (a tar cut at a member boundary would otherwise read as a valid, shorter shard).
+    and size is checked before its data is read, and the end-of-archive marker is required
+    (a tar cut at a member boundary would otherwise read as a valid, shorter shard). A stream's
+    sha256 is checked when it ends; any error on a stream whose sha256 differs from the manifest's
+    is reported as that mismatch (the shard is corrupt: the bytes, not the parser, are at fault).
     """
+    src = ShardReader(io.BytesIO(data), where=where) if isinstance(data, bytes | bytearray) else data
+    try:
+        yield from _ustar_members(src, where, max_member_bytes)
+        src.finish()
+    except DataError as err:
+        if not src.finished:
+            src.finish()  # raises the sha256 mismatch instead, when there is one
+        raise err from None
+    finally:
+        src.close()
+
+
+def _ustar_members(src: ShardReader, where: str, max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
     pos, zero = 0, bytes(BLOCK)
     while True:
-        header = data[pos:pos + BLOCK]
+        header = src.read(BLOCK)
         if len(header) < BLOCK:
             raise DataError(f"{where}: truncated tar (no end-of-archive marker after byte "
                             f"{pos}); {_RERUN}.")
         if header == zero:
-            if data[pos + BLOCK:pos + 2 * BLOCK] != zero:
+            if src.read(BLOCK) != zero:
                 raise DataError(f"{where}: truncated tar (incomplete end-of-archive marker at "
                                 f"byte {pos}); {_RERUN}.")
             return
@@ -183,9 +265,11 @@ def iter_ustar(data: bytes, *, where: str,
         if kind not in (b"0", b"\x00"):
             raise DataError(f"{where}: refusing tar member {name!r}: unknown type {kind!r}.")
         size = _octal(header[124:136], "size", where)
-        _check_size(name, size, pos + BLOCK, len(data), where, max_member_bytes)
-        yield name, data[pos + BLOCK:pos + BLOCK + size]
-        pos += BLOCK + size + (-size % BLOCK)
+        _check_size(name, size, 0, size, where, max_member_bytes)  # the limit, before reading
+        payload = src.read(size + (-size % BLOCK))
+        _check_size(name, size, pos + BLOCK, pos + BLOCK + len(payload), where, max_member_bytes)
+        yield name, payload[:size]
+        pos += BLOCK + len(payload)
 
 
 def _parse_int(text: bytes, *, what: str, where: str) -> int:
@@ -213,7 +297,7 @@ def _collect_members(data: bytes, where: str, max_member_bytes: int) -> dict[str
     return by_key
 
 
-def read_shard(path: str | Path, *, expected_sha256: str | None = None,
+def read_shard(path: Location, *, expected_sha256: str | None = None,
                num_classes: int | None = None,
                max_member_bytes: int = MAX_MEMBER_BYTES) -> list[Sample]:
     """Read and validate one shard; return its samples sorted by index.
@@ -223,17 +307,9 @@ def read_shard(path: str | Path, *, expected_sha256: str | None = None,
     ``[0, num_classes)`` (when given), or indices that are not one contiguous range.
     ``Manifest.read_shard`` passes the manifest's sha256 and class count.
     """
-    path = Path(path)
+    path = as_location(path)
     where = f"shard {path}"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
-    if expected_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected_sha256:
-            raise DataError(f"{where}: sha256 {actual} does not match the manifest's "
-                            f"{expected_sha256}: the shard is corrupt or was rewritten; {_RERUN}.")
+    data = open_shard(path, where=where, expected_sha256=expected_sha256)  # sha256 checked as it streams
     samples = []
     for key, files in _collect_members(data, where, max_member_bytes).items():
         images = [e for e in IMAGE_EXTS if e in files]
