@@ -239,5 +239,9 @@ def bytes_under(loc: Location, prefix: str) -> int:
     if not is_object_store(loc):
         return sum(f.stat().st_size for f in (Path(loc) / prefix).rglob("*") if f.is_file())
     fs, root = filesystem(loc)
-    fs.invalidate_cache(root)
-    return int(fs.du(f"{root}/{prefix}", total=True))
+    fs.invalidate_cache(root)  # fsspec's du trusts listings cached before the last writes
+    try:
+        found = fs.find(f"{root}/{prefix}", detail=True)
+    except FileNotFoundError:
+        return 0
+    return sum(int(info.get("size") or 0) for info in found.values())

@@ -184,22 +184,29 @@ class ShardReader:
         return data
 
     def finish(self) -> None:
-        """Read the rest of the stream, close it, and raise if the sha256 differs from the manifest's."""
+        """Read the rest of the stream, close it (a ``pipe:`` command's exit status is checked here),
+        and raise if the sha256 differs from the manifest's."""
         if self.finished:
             return
         self.finished = True
         try:
             while self.read(1 << 20):
                 pass
-        finally:
+        except DataError:
             self.close()
+            raise
+        try:
+            self.raw.close()
+        except OSError as exc:
+            raise DataError(f"{self.where}: cannot read: {exc}; {_RERUN}.") from exc
         actual = self.hash.hexdigest()
         if self.expected is not None and actual != self.expected:
             raise DataError(f"{self.where}: sha256 {actual} does not match the manifest's "
                             f"{self.expected}: the shard is corrupt or was rewritten; {_RERUN}.")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):  # a pipe: command that failed after we read what we needed
+        """Close without checking (after an error, or when the reader stops early)."""
+        with contextlib.suppress(OSError):
             self.raw.close()
 
 
