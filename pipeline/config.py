@@ -172,6 +172,10 @@ class DataConfig(Section):
     max_per_class: int | None = _opt(None, lo=1, hi=MAX_SAMPLES)  # keep the first N samples of each class per split
     on_corrupt: str = _opt("fail", choices=("fail", "skip"))
     workers: int = _opt(0, lo=0, hi=MAX_WORKERS)  # processes encoding shards in parallel (0 = in-process)
+    # How shards hold pixels: "encoded" keeps JPEG/PNG bytes (any image size; what ImageNet needs),
+    # "raw" stores decoded uint8 pixels as .npy members (one image size per dataset; reading is a
+    # copy, not a decode: the fast path for digits and CIFAR). Both give the model the same pixels.
+    format: str = _opt("encoded", choices=("encoded", "raw"))
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):

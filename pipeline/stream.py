@@ -10,6 +10,10 @@ For every shard the view ``v`` of this epoch is chosen (cycle: e mod V; random: 
 once, and each image gets exactly the stored parameters, through the same ``augment.apply`` that
 stage 1 used. Without a store (teacher training, online KD) the parameters come from the same pure
 (seed, view, index) generator, so cached and online runs see identical pixels.
+
+Training and evaluation read whole batches (``ShardStream.batched``): a shard is decoded into one
+uint8 tensor (raw ``.npy`` shards: one copy, no decode), its labels, indices, logits and params are
+tensors, and batches are slices of those, so no per-sample Python dict or collate is on the path.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.data import Manifest, decode_image
+from pipeline.data import Manifest
+from pipeline.data.images import decode_stack
 from pipeline.data.location import Location
 
 
@@ -65,9 +70,14 @@ def assign_shards(order: list[int], *, rank: int, world: int, worker: int, num_w
     return order[rank::world][worker::num_workers]
 
 
+# Rows decoded at a time for recipes that change the image size (imagenet): bounds a worker's memory.
+DECODE_CHUNK = 64
+
+
 class ShardStream(IterableDataset):
-    """Yields dicts: image (uint8 [C, h, w]), label, index, view, teacher (float32 [C] or empty),
-    params (float32 [P] still to apply with ``augment.apply_batch`` when ``batch_augment``, else empty)."""
+    """Yields per-sample dicts: image (uint8 [C, h, w]), label, index, view, teacher (float32 [C] or
+    empty), params (float32 [P] still to apply with ``augment.apply_batch`` when ``batch_augment``,
+    else empty). ``batched(b)`` gives the same rows as whole batches (what the trainer reads)."""
 
     def __init__(self, spec: StreamSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         self.spec, self.epoch, self.rank, self.world = spec, epoch, rank, world
@@ -96,39 +106,125 @@ class ShardStream(IterableDataset):
         return sum(shards[s].count for s in self.my_shards())
 
     def __iter__(self) -> Iterator[dict]:
+        """Per-sample dicts (the reference path; training and evaluation read ``batched``)."""
+        for t in self._my_shard_tensors():
+            for i in range(len(t.label)):
+                yield {"image": t.image[i], "label": int(t.label[i]), "index": int(t.index[i]),
+                       "view": int(t.view[i]), "teacher": t.teacher[i], "params": t.params[i]}
+
+    def batched(self, batch_size: int) -> BatchStream:
+        """Whole batches of ``batch_size`` (see ``BatchStream``)."""
+        return BatchStream(self, batch_size)
+
+    def _my_shard_tensors(self) -> Iterator[ShardTensors]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         for shard in self.my_shards(worker, num_workers):
-            yield from self._shard_samples(shard)
+            yield from self.shard_tensors(shard)
 
-    def _shard_samples(self, shard: int) -> Iterator[dict]:
+    def shard_tensors(self, shard: int) -> Iterator[ShardTensors]:
+        """One shard as tensors, rows in the order the stream yields them (shuffled for training):
+        one piece for fixed-size recipes, pieces of ``DECODE_CHUNK`` rows for the imagenet recipe
+        (a whole shard of decoded full-size JPEGs would not fit in a worker's memory)."""
         spec, manifest = self.spec, self.manifest
         info = manifest.splits[spec.split].shards[shard]
         samples = manifest.read_shard(spec.shards_dir, spec.split, shard)  # labels < num_classes
-        labels = np.array([s.label for s in samples])
-        indices = np.array([s.index for s in samples])
+        n = len(samples)
+        labels = np.array([s.label for s in samples], dtype=np.int64)
+        indices = np.array([s.index for s in samples], dtype=np.int64)
         view = epoch_view(spec, self.epoch, shard) if spec.train else -1
-        teacher = np.zeros((len(samples), 0), dtype=np.float32)
+        teacher = np.zeros((n, 0), dtype=np.float32)
+        params = np.zeros((n, 0), dtype=np.float32)
         if spec.train and self.store is not None:
             teacher, params = self.store.read_row(view, shard, labels)
-            if teacher.shape[0] != len(samples):
-                raise CacheError(f"{spec.store_path}: shard {info.name} has {len(samples)} samples "
-                                 f"but the store row holds {teacher.shape[0]}; delete the store and rerun "
-                                 "`aekt cache` (or `dvc repro cache`).")
+            if teacher.shape[0] != n:
+                raise CacheError(f"{spec.store_path}: shard {info.name} has {n} samples but the store row "
+                                 f"holds {teacher.shape[0]}; delete the store and rerun `aekt cache` (or "
+                                 "`dvc repro cache`).")
         elif spec.train:
             params = augment.sample_params(spec.recipe, seed=spec.aug_seed, view=view, indices=indices)
-        order = (np.random.default_rng([spec.seed, self.epoch, shard, 1]).permutation(len(samples))
-                 if spec.train else np.arange(len(samples)))
-        deferred = spec.train and spec.batch_augment and augment.recipe_info(spec.recipe).fixed_size
-        no_params = torch.zeros(0)
-        for i in order:
-            s = samples[i]
-            image = decode_image(s.image, channels=manifest.channels, name=f"{info.name}:{s.key}")
-            if deferred:
-                pending = torch.from_numpy(np.asarray(params[i], dtype=np.float32))
-            elif spec.train:
-                image, pending = augment.apply(spec.recipe, image, params[i], size=spec.image_size), no_params
-            else:
-                image, pending = augment.eval_transform(spec.recipe, image, size=spec.image_size), no_params
-            yield {"image": image, "label": int(s.label), "index": int(s.index), "view": view,
-                   "teacher": torch.from_numpy(teacher[i]), "params": pending}
+        order = (np.random.default_rng([spec.seed, self.epoch, shard, 1]).permutation(n)
+                 if spec.train else np.arange(n))
+        fixed = augment.recipe_info(spec.recipe).fixed_size
+        deferred = spec.train and spec.batch_augment and fixed
+        step = n if fixed else DECODE_CHUNK
+        for lo in range(0, n, step):
+            rows = order[lo:lo + step]
+            images = decode_stack([samples[i].image for i in rows], channels=manifest.channels,
+                                  names=[f"{info.name}:{samples[i].key}" for i in rows])
+            p = torch.from_numpy(np.array(params[rows], dtype=np.float32))
+            if not deferred:
+                images, p = self._transform(images, p), torch.zeros((len(rows), 0))
+            yield ShardTensors(image=images, label=torch.from_numpy(labels[rows]),
+                               index=torch.from_numpy(indices[rows]),
+                               view=torch.full((len(rows),), view, dtype=torch.int64),
+                               teacher=torch.from_numpy(np.array(teacher[rows], dtype=np.float32)), params=p)
+
+    def _transform(self, images: torch.Tensor | list[torch.Tensor], params: torch.Tensor) -> torch.Tensor:
+        """Stored/sampled params applied (training) or the eval transform, here in the worker."""
+        spec = self.spec
+        if spec.train and isinstance(images, torch.Tensor) and augment.recipe_info(spec.recipe).fixed_size:
+            return augment.apply_batch(spec.recipe, images, params)  # what apply() does per image
+        if spec.train:
+            return torch.stack([augment.apply(spec.recipe, im, p, size=spec.image_size)
+                                for im, p in zip(images, params, strict=True)])
+        if isinstance(images, torch.Tensor) and augment.recipe_info(spec.recipe).fixed_size:
+            return images  # eval_transform is the identity for fixed-size recipes
+        return torch.stack([augment.eval_transform(spec.recipe, im, size=spec.image_size) for im in images])
+
+
+@dataclass
+class ShardTensors:
+    """Rows of one shard (or of a batch): uint8 images [n, C, h, w], int64 label/index/view, float32
+    teacher logits [n, K] (K = 0 without a store) and params still to apply [n, P] (P = 0 when applied)."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+    view: torch.Tensor
+    teacher: torch.Tensor
+    params: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def take(self, rows: slice) -> ShardTensors:
+        return ShardTensors(**{k: v[rows] for k, v in vars(self).items()})
+
+    @staticmethod
+    def cat(parts: list[ShardTensors]) -> ShardTensors:
+        if len(parts) == 1:
+            return parts[0]
+        return ShardTensors(**{k: torch.cat([vars(p)[k] for p in parts]) for k in vars(parts[0])})
+
+
+class BatchStream(IterableDataset):
+    """A ShardStream as whole batches: each shard becomes tensors once, and batches are cut from the
+    worker's run of shards exactly as the DataLoader would collate its per-sample dicts (batches
+    cross shard boundaries; the worker's last batch may be short). So the batches, and training,
+    are identical to the per-sample path, without a Python dict and a collate per sample. Use it
+    with ``DataLoader(batch_size=None)``; every tensor of a batch is its own compact copy."""
+
+    def __init__(self, stream: ShardStream, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.stream, self.batch_size = stream, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending: list[ShardTensors] = []
+        have, b = 0, self.batch_size
+        for shard in self.stream._my_shard_tensors():
+            pending.append(shard)
+            have += len(shard)
+            while have >= b:
+                rows = ShardTensors.cat(pending)
+                yield _as_batch(rows.take(slice(0, b)))
+                rest = rows.take(slice(b, None))
+                pending, have = ([rest] if len(rest) else []), have - b
+        if have:
+            yield _as_batch(ShardTensors.cat(pending))
+
+
+def _as_batch(rows: ShardTensors) -> dict[str, torch.Tensor]:
+    # clone: a slice would keep (and, across worker processes, share) the whole shard's storage
+    return {k: v.clone() for k, v in vars(rows).items()}

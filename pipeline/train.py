@@ -92,10 +92,11 @@ def check_batch_size(batch_size: int, manifest: Manifest, key: str) -> None:
 
 
 def build_loader(stream: ShardStream, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    # For an IterableDataset torch's fetcher pre-allocates a list of batch_size slots per batch:
-    # capped at the split's size, a huge eval.batch_size gives the same batches without ~GBs of RAM.
+    # Capped at the split's size: a huge eval.batch_size gives the same batches.
     batch_size = max(1, min(batch_size, stream.num_samples()))
-    return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin,
+    # Whole batches from the workers (stream.BatchStream): the same batches the default collate of
+    # per-sample dicts would build, without a dict and a collate per sample.
+    return DataLoader(stream.batched(batch_size), batch_size=None, num_workers=workers, pin_memory=pin,
                       persistent_workers=False)
 
 

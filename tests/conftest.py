@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> 
     return proc
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for torchrun's rendezvous in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -56,12 +64,9 @@ eval: {batch_size: 128}
 """
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real digits pipeline, small: 200 train samples in 7 shards, a 3-epoch teacher, a 2-view
-    fp32 store. Built once per session through the stage commands; tests copy what they modify."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "params.yaml").write_text(TINY_PARAMS)
+def build_tiny(root: Path, params: str) -> Path:
+    """prepare, teacher and cache of ``params`` in ``root``, through the stage commands."""
+    (root / "params.yaml").write_text(params)
     aekt = [sys.executable, "-m", "stages.cli"]
     run([*aekt, "prepare", "--shards-dir", "shards", "--manifest", "manifest.json"], root)
     run([*aekt, "teacher", "--manifest", "manifest.json", "--shards-dir", "shards", "--out",
@@ -70,3 +75,23 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run([*aekt, "cache", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
          "teacher.safetensors", "--store", "store.zarr", "--no-progress"], root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real digits pipeline, small: 200 train samples in 7 shards, a 3-epoch teacher, a 2-view
+    fp32 store. Built once per session through the stage commands; tests copy what they modify."""
+    return build_tiny(tmp_path_factory.mktemp("tiny"), TINY_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_pipeline`` with raw-pixel shards (data.format: raw), built the same way."""
+    return build_tiny(tmp_path_factory.mktemp("tiny-raw"),
+                      TINY_PARAMS.replace("data: {", "data: {format: raw, "))
+
+
+@pytest.fixture(params=["encoded", "raw"])
+def tiny_any(request: pytest.FixtureRequest) -> Path:
+    """Each tiny pipeline in turn: tests of replay, resume and equality run on both shard formats."""
+    return request.getfixturevalue("tiny_pipeline" if request.param == "encoded" else "tiny_pipeline_raw")

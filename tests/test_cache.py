@@ -18,7 +18,7 @@ from pipeline.cache.verify import verify_cache
 from pipeline.cache.writer import open_or_create, pending_items
 from pipeline.config import load_params, section
 from pipeline.data import Manifest
-from tests.conftest import run
+from tests.conftest import free_port, run
 
 AEKT = [sys.executable, "-m", "stages.cli"]
 
@@ -43,10 +43,10 @@ def rerun_gives(work: Path, expected: dict[str, np.ndarray], written: int) -> No
         np.testing.assert_array_equal(got[name], values, err_msg=name)
 
 
-def test_decoded_logits_equal_a_fresh_teacher_on_the_replayed_view(tiny_pipeline: Path) -> None:
-    cache, aug = cfgs(tiny_pipeline)
-    report = verify_cache(store_path=tiny_pipeline / "store.zarr", manifest_path=tiny_pipeline / "manifest.json",
-                          shards_dir=tiny_pipeline / "shards", teacher_path=tiny_pipeline / "teacher.safetensors",
+def test_decoded_logits_equal_a_fresh_teacher_on_the_replayed_view(tiny_any: Path) -> None:
+    cache, aug = cfgs(tiny_any)
+    report = verify_cache(store_path=tiny_any / "store.zarr", manifest_path=tiny_any / "manifest.json",
+                          shards_dir=tiny_any / "shards", teacher_path=tiny_any / "teacher.safetensors",
                           cfg=cache, aug=aug, samples=200)
     assert report["ok"] and report["params_replayable"]
     assert report["rows_done"] == report["rows_total"] == 2 * 7
@@ -84,9 +84,9 @@ def test_a_store_from_other_inputs_is_refused_or_rebuilt(tiny_pipeline: Path, tm
     assert not rebuilt.done_mask().any() and rebuilt.provenance.teacher_sha256 == "0" * 64
 
 
-def test_rerun_redoes_only_unfinished_rows_and_gives_the_same_store(tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_rerun_redoes_only_unfinished_rows_and_gives_the_same_store(tiny_any: Path, tmp_path: Path) -> None:
     work = tmp_path / "w"
-    shutil.copytree(tiny_pipeline, work)
+    shutil.copytree(tiny_any, work)
     expected = store_arrays(work / "store.zarr")
     store = LogitStore.open(work / "store.zarr", mode="r+")
     store.group["done"][1, 3] = 0
@@ -94,17 +94,18 @@ def test_rerun_redoes_only_unfinished_rows_and_gives_the_same_store(tiny_pipelin
     rerun_gives(work, expected, written=1)
 
 
-def test_two_processes_write_the_same_store_as_one(tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_two_processes_write_the_same_store_as_one(tiny_any: Path, tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
     for name in ("params.yaml", "manifest.json", "teacher.safetensors", "teacher.json"):
-        shutil.copy2(tiny_pipeline / name, work / name)
-    shutil.copytree(tiny_pipeline / "shards", work / "shards")
-    proc = run(["torchrun", "--nproc_per_node", "2", "--master_port", "29531", "-m", "stages.cli", "cache",
+        shutil.copy2(tiny_any / name, work / name)
+    shutil.copytree(tiny_any / "shards", work / "shards")
+    proc = run(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "-m", "stages.cli", "cache",
                 "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher", "teacher.safetensors",
                 "--store", "store.zarr", "--no-progress"], work)
     assert "8 mine" in proc.stderr and "6 mine" in proc.stderr  # whole shards: 4 + 3 of 7, x 2 views
-    expected, got = store_arrays(tiny_pipeline / "store.zarr"), store_arrays(work / "store.zarr")
+    expected, got = store_arrays(tiny_any / "store.zarr"), store_arrays(work / "store.zarr")
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
 

@@ -83,7 +83,8 @@ def test_manifest_is_cifar10_in_official_order(reproduced: Path) -> None:
     assert manifest.classes == CIFAR10_CLASSES
     if OFFICIAL_META.is_file():
         assert list(manifest.classes) == load_cifar_pickle(OFFICIAL_META)["label_names"]
-    assert manifest.image_format == "jpg" and manifest.channels == 3
+    # the preset stores the decoded JPEG pixels (data.format: raw; test_raw_shards: same pixels as JPEG shards)
+    assert manifest.image_format == "raw" and manifest.image_shape == (32, 32, 3) and manifest.channels == 3
     assert {k: s.num_samples for k, s in manifest.splits.items()} == {"train": 200, "test": 200}
     assert manifest.source["layout"] == "tars"
 
@@ -98,8 +99,8 @@ def test_train_shards_are_class_mixed(reproduced: Path) -> None:
         assert len(labels) >= 5, (info.name, labels)
 
 
-def test_verify_cache_replays_jpeg_views(reproduced: Path) -> None:
-    """Stage 1 and the replay decode the same JPEG bytes to the same pixels: ~0 error."""
+def test_verify_cache_replays_the_views(reproduced: Path) -> None:
+    """Stage 1 and the replay read the same pixels (decoded from the JPEGs at prepare): ~0 error."""
     p = paths(reproduced)
     # The real `aekt verify-cache` command, run in this process: a fresh interpreter would spend
     # more time importing torch than verifying.

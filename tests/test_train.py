@@ -20,7 +20,7 @@ from pipeline.losses import compute_loss
 from pipeline.stream import ShardStream, StreamSpec
 from pipeline.student import build_student
 from pipeline.train import lr_at
-from tests.conftest import run
+from tests.conftest import free_port, run
 
 STUDENT = ["student", "--manifest", "manifest.json", "--shards-dir", "shards", "--teacher",
            "teacher.safetensors", "--store", "store.zarr", "--out", "student.safetensors", "--metrics",
@@ -80,16 +80,17 @@ def history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_two_ranks_see_every_sample_once(tiny_pipeline: Path, tmp_path: Path) -> None:
-    work = copy_for_student(tiny_pipeline, tmp_path / "w")
-    run(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "stages.cli", *STUDENT], work)
+def test_two_ranks_see_every_sample_once(tiny_any: Path, tmp_path: Path) -> None:
+    work = copy_for_student(tiny_any, tmp_path / "w")
+    run(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "-m", "stages.cli", *STUDENT], work)
     rows = history(work / "train.csv")
     assert [int(r["samples"]) for r in rows] == [200, 200, 200]  # both ranks together, per epoch
     assert (work / "student.safetensors").exists()
 
 
-def test_resume_reaches_the_same_weights(tiny_pipeline: Path, tmp_path: Path) -> None:
-    work = copy_for_student(tiny_pipeline, tmp_path / "w", checkpoint_every=1)
+def test_resume_reaches_the_same_weights(tiny_any: Path, tmp_path: Path) -> None:
+    work = copy_for_student(tiny_any, tmp_path / "w", checkpoint_every=1)
     aekt = [sys.executable, "-m", "stages.cli"]
     run([*aekt, *STUDENT], work)
     uninterrupted = load_file(str(work / "student.safetensors"))

@@ -31,7 +31,8 @@ from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore, Provenance
 from pipeline.cache.store_folder import holds_store, refuse_to_replace
 from pipeline.config import AugmentConfig, CacheConfig
-from pipeline.data import Manifest, decode_image
+from pipeline.data import Manifest
+from pipeline.data.images import decode_stack
 from pipeline.data.location import Location, filesystem, is_object_store
 from pipeline.progress import Progress
 
@@ -51,16 +52,20 @@ class ShardSource:
         within its classes, indices)."""
         info = self.manifest.splits[self.split].shards[shard]
         samples = self.manifest.read_shard(self.shards_dir, self.split, shard)
-        images = [decode_image(s.image, channels=self.manifest.channels, name=f"{info.name}:{s.key}")
-                  for s in samples]
+        # One uint8 tensor when the images share a size (raw shards: one copy, no decode).
+        images = decode_stack([s.image for s in samples], channels=self.manifest.channels,
+                              names=[f"{info.name}:{s.key}" for s in samples])
         return ([s.key for s in samples], images, np.array([s.label for s in samples]),
                 np.array([s.index for s in samples]))
 
 
-def augment_views(recipe: str, images: list[torch.Tensor], params: np.ndarray, size: int) -> torch.Tensor:
-    """Apply each sample's stored/sampled params: list of uint8 [C, H, W] -> uint8 [n, C, h, w]."""
+def augment_views(recipe: str, images: torch.Tensor | list[torch.Tensor], params: np.ndarray,
+                  size: int) -> torch.Tensor:
+    """Apply each sample's stored/sampled params: uint8 [n, C, H, W] (or a list of [C, H, W] of
+    different sizes) -> uint8 [n, C, h, w]."""
     if augment.recipe_info(recipe).fixed_size:
-        return augment.apply_batch(recipe, torch.stack(images), torch.from_numpy(params))
+        stacked = images if isinstance(images, torch.Tensor) else torch.stack(images)
+        return augment.apply_batch(recipe, stacked, torch.from_numpy(params))
     return torch.stack([augment.apply(recipe, img, p, size=size) for img, p in zip(images, params, strict=True)])
 
 

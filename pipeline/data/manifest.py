@@ -54,10 +54,11 @@ class Manifest:
     source: dict
     classes: tuple[str, ...]
     channels: int
-    image_format: str  # "png", "jpg" or "mixed"
+    image_format: str  # "png", "jpg", "mixed" (encoded) or "raw" (uint8 .npy pixels, data.format: raw)
     shard_size: int
     splits: dict[str, SplitInfo]
     sha256: str
+    image_shape: tuple[int, int, int] | None = None  # raw only: every image's [H, W, C]
 
     @property
     def num_classes(self) -> int:
@@ -65,11 +66,12 @@ class Manifest:
 
     @classmethod
     def build(cls, *, dataset: str, source: dict, classes: tuple[str, ...], channels: int,
-              image_format: str, shard_size: int, splits: dict[str, SplitInfo]) -> Manifest:
+              image_format: str, shard_size: int, splits: dict[str, SplitInfo],
+              image_shape: tuple[int, int, int] | None = None) -> Manifest:
         """A manifest with its ``sha256`` computed from the other fields."""
         draft = cls(dataset=dataset, source=source, classes=tuple(classes), channels=channels,
                     image_format=image_format, shard_size=shard_size, splits=dict(splits),
-                    sha256="")
+                    sha256="", image_shape=None if image_shape is None else tuple(image_shape))
         content = draft._content()
         _validate(content, where="new manifest")
         return dataclasses.replace(draft, sha256=canonical_sha256(content))
@@ -83,7 +85,7 @@ class Manifest:
             "splits": {name: {"num_samples": s.num_samples, "skipped": list(s.skipped),
                               "shards": [dict(sh.__dict__) for sh in s.shards]}
                        for name, s in self.splits.items()},
-        }
+        } | ({} if self.image_shape is None else {"image_shape": list(self.image_shape)})
 
     def to_json(self) -> str:
         return json.dumps({**self._content(), "sha256": self.sha256}, indent=2, sort_keys=True,
@@ -126,7 +128,8 @@ class Manifest:
             for name, s in raw["splits"].items()}
         return cls(dataset=raw["dataset"], source=raw["source"], classes=tuple(raw["classes"]),
                    channels=raw["channels"], image_format=raw["image_format"],
-                   shard_size=raw["shard_size"], splits=splits, sha256=stored)
+                   shard_size=raw["shard_size"], splits=splits, sha256=stored,
+                   image_shape=tuple(raw["image_shape"]) if "image_shape" in raw else None)
 
     def shard_paths(self, shards_dir: Location, split: str) -> list[Location]:
         """Paths (or URLs) of ``split``'s shards under ``shards_dir``, in index order."""
@@ -162,6 +165,8 @@ def _validate(c: dict[str, Any], *, where: str) -> None:
     """Check types, keys and the shard ranges of a manifest's content (without ``sha256``)."""
     keys = {"schema_version", "dataset", "source", "classes", "channels", "image_format",
             "shard_size", "splits"}
+    raw = c.get("image_format") == "raw"
+    keys |= {"image_shape"} if raw else set()
     _expect(set(c) == keys, where, f"fields {sorted(c)}, expected {sorted(keys | {'sha256'})}.")
     _expect(c["schema_version"] == SCHEMA_VERSION, where,
             f"schema_version {c['schema_version']!r}, this code reads {SCHEMA_VERSION}; rerun "
@@ -173,8 +178,13 @@ def _validate(c: dict[str, Any], *, where: str) -> None:
             and all(isinstance(x, str) for x in classes), where, "classes must be a list of names.")
     _expect(len(set(classes)) == len(classes), where, "class names must be unique.")
     _expect(c["channels"] in (1, 3) and _is_int(c["channels"]), where, "channels must be 1 or 3.")
-    _expect(c["image_format"] in ("png", "jpg", "mixed"), where,
-            f"image_format {c['image_format']!r} is not png, jpg or mixed.")
+    _expect(c["image_format"] in ("png", "jpg", "mixed", "raw"), where,
+            f"image_format {c['image_format']!r} is not png, jpg, mixed or raw.")
+    if raw:
+        shape = c["image_shape"]
+        _expect(isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and d > 0 for d in shape)
+                and shape[2] == c["channels"], where,
+                f"image_shape {shape!r} must be [H, W, C] positive integers with C = channels.")
     size = c["shard_size"]
     _expect(_is_int(size) and size >= 1, where, "shard_size must be a positive integer.")
     _expect(isinstance(c["splits"], dict) and bool(c["splits"]), where, "splits must be non-empty.")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data.images import encode_png, verify_for_storage
+from pipeline.data.images import decode_array, encode_npy, encode_png, npy_shape, verify_for_storage
 from pipeline.data.location import Location, delete_object, is_object_store, is_url, join, list_names, write_object
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.samples import DataError, ImageDecodeError, RawItem, Sample, make_key
@@ -50,24 +50,29 @@ _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _UNCHANGED = "the existing shards and manifest are unchanged"
 
 
-def encode_item(item: RawItem, *, channels: int) -> tuple[bytes, str] | str:
+def encode_item(item: RawItem, *, channels: int, raw: bool = False) -> tuple[bytes, str] | str:
     """(bytes to store, ext) for one item, or the decode error message for a corrupt image.
 
     Pixel rows are ours to encode, so they need no verification; source files are decoded once.
+    With ``raw`` (data.format: raw) the decoded pixels are stored as ``.npy``: for JPEG sources
+    they are exactly the pixels an encoded shard would decode to at training time.
     Runs in worker processes: returns the error instead of raising so the parent applies
     ``on_corrupt`` in stable order.
     """
     if isinstance(item.payload, np.ndarray):
-        return encode_png(item.payload), "png"
+        return (encode_npy(item.payload), "npy") if raw else (encode_png(item.payload), "png")
     try:
-        return verify_for_storage(item.payload.read(), channels=channels, name=item.name)
+        data = item.payload.read()
+        if raw:
+            return encode_npy(decode_array(data, channels=channels, name=item.name)), "npy"
+        return verify_for_storage(data, channels=channels, name=item.name)
     except ImageDecodeError as exc:
         return str(exc)
 
 
 def _encoded(items: list[RawItem], channels: int, pool: multiprocessing.pool.Pool | None,
-             workers: int) -> Iterator[tuple[bytes, str] | str]:
-    encode = functools.partial(encode_item, channels=channels)
+             workers: int, raw: bool) -> Iterator[tuple[bytes, str] | str]:
+    encode = functools.partial(encode_item, channels=channels, raw=raw)
     if pool is None:
         return map(encode, items)
     # Chunks amortise the IPC round trip (~100 us) over many ~50 us PNG encodes.
@@ -119,7 +124,7 @@ def put_shard(url: Location, data: bytes) -> None:
 
 def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels: int,
                  shards_dir: Location, staging: Path | None, pool: multiprocessing.pool.Pool | None,
-                 progress: bool, exts: set[str]) -> SplitInfo:
+                 progress: bool, exts: set[str], shapes: set[tuple[int, ...]]) -> SplitInfo:
     shards: list[ShardInfo] = []
     skipped: list[str] = []
     buffer: list[Sample] = []
@@ -137,7 +142,7 @@ def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels:
 
     started = time.perf_counter()
     results = Progress(len(items), f"prepare {cfg.name}/{split}", "img", bar=progress, logger=log).wrap(
-        _encoded(items, channels, pool, cfg.workers))
+        _encoded(items, channels, pool, cfg.workers, cfg.format == "raw"))
     index = 0
     for item, result in zip(items, results, strict=True):
         if isinstance(result, str):
@@ -149,6 +154,8 @@ def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels:
             continue
         data, ext = result
         exts.add(ext)
+        if ext == "npy":
+            _check_raw_shape(shapes, npy_shape(data, name=item.name), item.name)
         buffer.append(Sample(key=make_key(split, index), index=index, label=item.label,
                              image=data, ext=ext))
         index += 1
@@ -163,6 +170,17 @@ def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels:
     log.info("%s/%s: %d samples in %d shards (%d skipped), %.0f images/s", cfg.name, split,
              index, len(shards), len(skipped), len(items) / max(elapsed, 1e-9))
     return SplitInfo(num_samples=index, shards=tuple(shards), skipped=tuple(skipped))
+
+
+def _check_raw_shape(shapes: set[tuple[int, ...]], shape: tuple[int, ...], name: str) -> None:
+    """data.format: raw stores one image size per dataset (the manifest's image_shape)."""
+    if shapes and shape not in shapes:
+        first = next(iter(shapes))
+        raise DataError(f"{name}: image is {shape[0]}x{shape[1]} (x{shape[2]} channels) but earlier images "
+                        f"are {first[0]}x{first[1]} (x{first[2]}); params.yaml data.format: raw needs one "
+                        "image size per dataset. Use data.format: encoded for images of mixed sizes "
+                        f"(ImageNet); {_UNCHANGED}.")
+    shapes.add(shape)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -239,17 +257,19 @@ def prepare(cfg: DataConfig, *, shards_dir: Location, manifest_path: Path,
         staging.mkdir()
     manifest_tmp = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
     exts: set[str] = set()
+    shapes: set[tuple[int, ...]] = set()
     splits: dict[str, SplitInfo] = {}
     pool = _pool_context().Pool(cfg.workers) if cfg.workers > 0 else None
     try:
         for split, items in plan.splits.items():
             splits[split] = _write_split(split, items, cfg=cfg, channels=plan.channels,
                                          shards_dir=shards_dir, staging=staging, pool=pool,
-                                         progress=progress, exts=exts)
+                                         progress=progress, exts=exts, shapes=shapes)
+        fmt = "raw" if exts == {"npy"} else exts.pop() if len(exts) == 1 else "mixed"
         manifest = Manifest.build(
             dataset=cfg.name, source=plan.description, classes=plan.classes,
-            channels=plan.channels, image_format=exts.pop() if len(exts) == 1 else "mixed",
-            shard_size=cfg.shard_size, splits=splits)
+            channels=plan.channels, image_format=fmt, shard_size=cfg.shard_size, splits=splits,
+            image_shape=shapes.pop() if fmt == "raw" else None)
         write_new(manifest_tmp, manifest.to_json().encode("utf-8"), shown=manifest_path)
         # Everything is written: renames only from here on (no data, so no disk-full failure).
         for path in sorted(staging.iterdir()) if staging else ():

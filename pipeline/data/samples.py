@@ -19,8 +19,9 @@ from pipeline.errors import UserError
 
 # Split names of every manifest; ImageFolder trees call the held-out split "val" or "test".
 SPLITS = ("train", "test")
-# Image extensions a shard may hold: JPEG bytes are stored as given, everything else as PNG.
-IMAGE_EXTS = ("jpg", "png")
+# Image extensions a shard may hold: JPEG bytes are stored as given, everything else as PNG;
+# data.format: raw stores decoded uint8 pixels as NumPy .npy (pipeline.data.images.encode_npy).
+IMAGE_EXTS = ("jpg", "png", "npy")
 # Width of the index in sample keys: 7 digits cover ImageNet-1k train (1,281,167) and keep the
 # zero-padded keys sorting in index order.
 KEY_DIGITS = 7
@@ -41,8 +42,8 @@ class Sample:
     key: str
     index: int
     label: int
-    image: bytes  # encoded image bytes exactly as stored in the shard
-    ext: str  # "png" | "jpg"
+    image: bytes  # image bytes exactly as stored in the shard
+    ext: str  # "png" | "jpg" | "npy" (raw uint8 pixels)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """WebDataset shard writer and validating reader.
 
-A shard is an uncompressed tar of samples ``{key}.cls``, ``{key}.idx``, ``{key}.{jpg|png}``,
+A shard is an uncompressed tar of samples ``{key}.cls``, ``{key}.idx``, ``{key}.{jpg|png|npy}``,
 members sorted by (index, extension) so WebDataset sees each key's files together. Headers are
 fixed (mtime 0, uid/gid 0, empty owner names, mode 0644, USTAR), so the same samples always give
 the same bytes and the manifest's sha256 is reproducible. Readers trust nothing in a shard: every
@@ -320,10 +320,10 @@ def read_shard(path: Location, *, expected_sha256: str | None = None,
     samples = []
     for key, files in _collect_members(data, where, max_member_bytes).items():
         images = [e for e in IMAGE_EXTS if e in files]
-        missing = [e for e in ("cls", "idx") if e not in files] + ([] if images else ["jpg|png"])
+        missing = [e for e in ("cls", "idx") if e not in files] + ([] if images else ["jpg|png|npy"])
         if missing or len(images) > 1:
             raise DataError(f"{where}: sample {key!r} has members {sorted(files)}; expected "
-                            "exactly one image (.jpg or .png) plus .cls and .idx.")
+                            "exactly one image (.jpg, .png or raw .npy pixels) plus .cls and .idx.")
         label = _parse_int(files["cls"], what=f"{key}.cls", where=where)
         if num_classes is not None and label >= num_classes:  # _parse_int refuses negatives
             raise DataError(f"{where}: sample {key!r} has label {label}, outside the manifest's "
