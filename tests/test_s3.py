@@ -299,3 +299,16 @@ def test_every_url_form_reads_the_same_samples(reference: Path, bucket: str) -> 
     finally:
         server.shutdown()
     assert np.array_equal([s.index for s in want], np.arange(want[0].index, want[0].index + len(want)))
+
+
+def test_prepare_refuses_what_it_cannot_write(tmp_path: Path, bucket: str) -> None:
+    write_params(tmp_path, data={"max_per_class": 2, "shard_size": 8})
+    cases = {("--shards-dir", "s3://aekt-no-such-bucket/shards"): "s3://aekt-no-such-bucket/shards/train-00000.tar: "
+             "cannot write this shard",
+             ("--shards-dir", "pipe:cat {name}"): "writes shards to a local folder or an object store",
+             ("--manifest", f"{bucket}/m.json"): "the manifest is a local file committed to git"}
+    for (option, value), expected in cases.items():
+        args = {"--shards-dir": "shards", "--manifest": "m.json", option: value}
+        message = user_error(aekt_inproc(["prepare", *[x for kv in args.items() for x in kv]], tmp_path))
+        assert expected in message, message
+    assert not (tmp_path / "m.json").exists()
