@@ -203,7 +203,7 @@ class BatchStream(IterableDataset):
     worker's run of shards exactly as the DataLoader would collate its per-sample dicts (batches
     cross shard boundaries; the worker's last batch may be short). So the batches, and training,
     are identical to the per-sample path, without a Python dict and a collate per sample. Use it
-    with ``DataLoader(batch_size=None)``; every tensor of a batch is its own compact copy."""
+    with ``DataLoader(batch_size=None)``."""
 
     def __init__(self, stream: ShardStream, batch_size: int):
         if batch_size < 1:
@@ -226,5 +226,7 @@ class BatchStream(IterableDataset):
 
 
 def _as_batch(rows: ShardTensors) -> dict[str, torch.Tensor]:
-    # clone: a slice would keep (and, across worker processes, share) the whole shard's storage
-    return {k: v.clone() for k, v in vars(rows).items()}
+    # Views, not copies (a copy per batch cost as much as reading the shard): a DataLoader worker
+    # moves a shard's storage to shared memory once, with its first batch, and the later batches
+    # of that shard travel as views of it; pin_memory copies only the batch's own rows.
+    return dict(vars(rows))

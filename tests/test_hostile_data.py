@@ -44,7 +44,8 @@ TIMEOUT_S = 60  # a hang fails the test instead of blocking the suite
 
 def folder_params(root: Path, source: Path, **data: object) -> None:
     write_params(root, data={"source": "folder", "root": str(source), "name": "hostile",
-                             "max_per_class": None, "shard_size": 4, "on_corrupt": "fail", **data})
+                             "max_per_class": None, "shard_size": 4, "on_corrupt": "fail", "format": "encoded",
+                             **data})
 
 
 def png(seed: int, side: int = 8) -> bytes:

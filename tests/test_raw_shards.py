@@ -196,11 +196,6 @@ def test_batches_equal_the_collated_per_sample_batches(tiny_pipeline: Path, kind
         assert got[0]["teacher"].shape == (24, 10) and got[0]["params"].shape == (24, 0)
 
 
-def test_each_batch_owns_its_memory(tiny_pipeline: Path) -> None:
-    batch = next(iter(ShardStream(spec(tiny_pipeline), epoch=1).batched(8)))
-    assert all(v.untyped_storage().nbytes() == v.nbytes for v in batch.values())
-
-
 def test_raw_and_encoded_pipelines_train_the_same_teacher_and_cache(tiny_pipeline: Path,
                                                                     tiny_pipeline_raw: Path) -> None:
     """End to end through the stage commands: identical pixels give a byte-identical teacher (so

@@ -293,7 +293,7 @@ def _image_tree(root: Path, hostile: list[str]) -> Path:
 def _prepare_folder(root: Path, tree: Path, on_corrupt: str):
     root.mkdir(exist_ok=True)
     write_params(root, data={"source": "folder", "name": "hostile", "root": str(tree), "shard_size": 4,
-                             "on_corrupt": on_corrupt})
+                             "on_corrupt": on_corrupt, "format": "encoded"})  # JPEG bytes kept as given
     return aekt_inproc(["prepare", "--shards-dir", "shards", "--manifest", "manifest.json"], root)
 
 

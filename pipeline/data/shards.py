@@ -6,23 +6,24 @@ fixed (mtime 0, uid/gid 0, empty owner names, mode 0644, USTAR), so the same sam
 the same bytes and the manifest's sha256 is reproducible. Readers trust nothing in a shard: every
 member's name, type and size is checked before its bytes are read, and nothing is unpickled.
 
-Shards are read as a stream from webdataset's opener (``location.open_for_reading``: a local path,
-``pipe:``, ``http(s)://``, or an object store through fsspec): each header is validated before its
-member's bytes are read, and the sha256 is computed as the bytes pass and checked when the stream
-ends, so a run over URLs reads exactly the bytes a run over local files reads.
+Shards are read by URL with webdataset's opener (``location.open_for_reading``: a local path,
+``pipe:``, ``http(s)://``, or an object store through fsspec); the sha256 is computed as the bytes
+stream in and checked before the archive is parsed, so a run over URLs reads exactly the bytes a
+run over local files reads, and a corrupt shard is reported by its URL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import re
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+
+import numpy as np
 
 from pipeline.data.location import Location, as_location, open_for_reading
 from pipeline.data.samples import IMAGE_EXTS, DataError, Sample
@@ -148,135 +149,156 @@ _REFUSED_TYPES = {b"1": "a hard link", b"2": "a symlink", b"3": "a character dev
                   b"L": "a GNU long name", b"K": "a GNU long link name", b"S": "a sparse file"}
 
 
+_OCTAL_RE = re.compile(rb" *([0-7]+)[\x00 ]*")
+
+
 def _octal(field: bytes, what: str, where: str) -> int:
-    text = field.rstrip(b"\x00 ").lstrip(b" ")
-    if not text or text.strip(b"01234567"):
+    found = _OCTAL_RE.fullmatch(field)
+    if found is None:
         raise DataError(f"{where}: corrupt tar header ({what} field {field!r}); {_RERUN}.")
-    return int(text, 8)
+    return int(found.group(1), 8)
 
 
-class ShardReader:
-    """A shard's byte stream, hashed as it is read; ``finish`` reads to the end and checks the sha256.
+def _check_headers(data: bytes, starts: list[int], where: str) -> None:
+    """Checksum and magic of every header at ``starts``, in order; the first bad one is the error.
 
-    Reads are exact (``read(n)`` returns fewer than n bytes only at the end of the stream) and an
-    OSError while streaming (a dropped connection, a failing pipe) becomes a DataError naming the
-    shard. The sha256 covers every byte of the stream, including what follows the end marker.
-    """
-
-    def __init__(self, raw: IO[bytes], *, where: str, expected_sha256: str | None = None):
-        self.raw, self.where, self.expected = raw, where, expected_sha256
-        self.hash = hashlib.sha256()
-        self.finished = False
-
-    def read(self, n: int) -> bytes:
-        parts, want = [], n
-        while want > 0:
-            try:
-                chunk = self.raw.read(want)
-            except OSError as exc:
-                raise DataError(f"{self.where}: cannot read: {exc}; {_RERUN}.") from exc
-            if not chunk:
-                break
-            parts.append(chunk)
-            want -= len(chunk)
-        data = b"".join(parts)
-        self.hash.update(data)
-        return data
-
-    def finish(self) -> None:
-        """Read the rest of the stream, close it (a ``pipe:`` command's exit status is checked here),
-        and raise if the sha256 differs from the manifest's."""
-        if self.finished:
-            return
-        self.finished = True
-        try:
-            while self.read(1 << 20):
-                pass
-        except DataError:
-            self.close()
-            raise
-        try:
-            self.raw.close()
-        except OSError as exc:
-            raise DataError(f"{self.where}: cannot read: {exc}; {_RERUN}.") from exc
-        actual = self.hash.hexdigest()
-        if self.expected is not None and actual != self.expected:
-            raise DataError(f"{self.where}: sha256 {actual} does not match the manifest's "
-                            f"{self.expected}: the shard is corrupt or was rewritten; {_RERUN}.")
-
-    def close(self) -> None:
-        """Close without checking (after an error, or when the reader stops early)."""
-        with contextlib.suppress(OSError):
-            self.raw.close()
-
-
-def open_shard(path: Location, *, where: str, expected_sha256: str | None = None) -> ShardReader:
-    """Open the shard at ``path`` (local path or URL) with webdataset's opener, for ``iter_ustar``."""
-    try:
-        raw = open_for_reading(path)
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
-    return ShardReader(raw, where=where, expected_sha256=expected_sha256)
-
-
-def iter_ustar(data: bytes | ShardReader, *, where: str,
-               max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each member of a ustar archive (bytes, or a stream from ``open_shard``),
-    strictly validated.
-
-    Accepts only what ``write_shard`` (or any plain ustar/GNU writer) produces for regular
-    files; links, devices, directories and extended headers are refused, every header checksum
-    and size is checked before its data is read, and the end-of-archive marker is required
-    (a tar cut at a member boundary would otherwise read as a valid, shorter shard). A stream's
-    sha256 is checked when it ends; any error on a stream whose sha256 differs from the manifest's
-    is reported as that mismatch (the shard is corrupt: the bytes, not the parser, are at fault).
-    """
-    src = ShardReader(io.BytesIO(data), where=where) if isinstance(data, bytes | bytearray) else data
-    try:
-        yield from _ustar_members(src, where, max_member_bytes)
-        src.finish()
-    except DataError as err:
-        if not src.finished:
-            src.finish()  # raises the sha256 mismatch instead, when there is one
-        raise err from None
-    finally:
-        src.close()
-
-
-def _ustar_members(src: ShardReader, where: str, max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
-    pos, zero = 0, bytes(BLOCK)
-    while True:
-        header = src.read(BLOCK)
-        if len(header) < BLOCK:
-            raise DataError(f"{where}: truncated tar (no end-of-archive marker after byte "
-                            f"{pos}); {_RERUN}.")
-        if header == zero:
-            if src.read(BLOCK) != zero:
-                raise DataError(f"{where}: truncated tar (incomplete end-of-archive marker at "
-                                f"byte {pos}); {_RERUN}.")
-            return
-        checksum = _octal(header[148:156], "checksum", where)
-        if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]) or \
-                not header[257:262] == b"ustar":
+    The sums are computed for all headers at once with NumPy: summing 512 bytes in Python per
+    member was a third of the time a raw-pixel shard took to read."""
+    if not starts:
+        return
+    blocks = np.frombuffer(data, dtype=np.uint8)[np.asarray(starts)[:, None] + np.arange(BLOCK)]
+    sums = (blocks[:, :148].sum(axis=1, dtype=np.int64) + blocks[:, 156:].sum(axis=1, dtype=np.int64)
+            + 8 * 32).tolist()
+    magic_ok = (blocks[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all(axis=1).tolist()
+    for pos, total, magic in zip(starts, sums, magic_ok, strict=True):
+        if _octal(data[pos + 148:pos + 156], "checksum", where) != total or not magic:
             raise DataError(f"{where}: corrupt tar header at byte {pos} (bad checksum or magic); "
                             f"{_RERUN}.")
-        name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
-        if header[257:263] == b"ustar\x00" and prefix:
-            name = f"{prefix}/{name}"
+
+
+# One C call per header: name, mode/uid/gid, size, mtime, checksum, type, link name, magic,
+# version, user/group names + device numbers, prefix (POSIX ustar layout, 512 bytes).
+_HEADER = struct.Struct("100s24s12s12s8sc100s6s2s80s155s12x")
+# A plain member name (what our writer and WebDataset tools write): no '/', so no escape to check.
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_.-]+")
+
+
+def _member(data: bytes, pos: int, size_limit: tuple[int, int], where: str) -> tuple[str, int]:
+    """(name, size) of the regular-file member whose header starts at ``pos``; DataError otherwise."""
+    raw_name, _, size_field, _, _, kind, _, magic, _, _, prefix = _HEADER.unpack_from(data, pos)
+    raw_name = raw_name.split(b"\x00", 1)[0]
+    if _PLAIN_NAME.fullmatch(raw_name) and raw_name not in (b".", b"..") and not (
+            magic == b"ustar\x00" and prefix[:1] not in (b"", b"\x00")):
+        name = raw_name.decode("ascii")  # the common case: nothing more to check in the name
+    else:
+        name = raw_name.decode("utf-8", "replace")
+        prefix_text = prefix.split(b"\x00", 1)[0].decode("utf-8", "replace")
+        if magic == b"ustar\x00" and prefix_text:
+            name = f"{prefix_text}/{name}"
         _check_name(name, where)
-        kind = header[156:157]
+    if kind not in (b"0", b"\x00"):
         if kind in _REFUSED_TYPES:
             raise DataError(f"{where}: refusing tar member {name!r}: {_REFUSED_TYPES[kind]} "
                             "(shards hold only regular files).")
-        if kind not in (b"0", b"\x00"):
-            raise DataError(f"{where}: refusing tar member {name!r}: unknown type {kind!r}.")
-        size = _octal(header[124:136], "size", where)
-        _check_size(name, size, 0, size, where, max_member_bytes)  # the limit, before reading
-        payload = src.read(size + (-size % BLOCK))
-        _check_size(name, size, pos + BLOCK, pos + BLOCK + len(payload), where, max_member_bytes)
-        yield name, payload[:size]
-        pos += BLOCK + len(payload)
+        raise DataError(f"{where}: refusing tar member {name!r}: unknown type {kind!r}.")
+    size = _octal(size_field, "size", where)
+    _check_size(name, size, pos + BLOCK, size_limit[0], where, size_limit[1])
+    return name, size
+
+
+_NAME_BYTES = np.zeros(256, dtype=bool)
+_NAME_BYTES[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-", dtype=np.uint8)] = True
+_OCTAL_DIGITS = np.zeros(256, dtype=bool)
+_OCTAL_DIGITS[np.frombuffer(b"01234567", dtype=np.uint8)] = True
+
+
+def _fast_scan(data: bytes, max_member_bytes: int) -> list[tuple[str, int, int]] | None:
+    """(name, data start, size) of every member when the archive is plainly valid, else None.
+
+    The common case, a shard as our writer (or GNU/BSD tar in ustar mode) writes it, checked for
+    all headers at once with NumPy: sizes as 11 octal digits + NUL, checksum as 6 octal digits +
+    NUL + space and equal to the header's sum, "ustar" magic, regular-file type, no prefix, a plain
+    name ([A-Za-z0-9_.-]), sizes within the limit and the archive, and the end-of-archive marker.
+    Anything else returns None and the member-by-member scan gives the exact error. Only the hop
+    from header to header (each size decides where the next header is) runs in Python."""
+    end, starts, sizes, pos = len(data), [], [], 0
+    try:
+        while pos + BLOCK <= end and data[pos] != 0:
+            size = int(data[pos + 124:pos + 135], 8)
+            if size < 0:  # "-1": would hop backwards; the member-by-member scan names it
+                return None
+            starts.append(pos)
+            sizes.append(size)
+            pos += BLOCK + size + (-size % BLOCK)
+    except ValueError:
+        return None
+    if not starts or pos < 0 or data[pos:pos + 2 * BLOCK] != bytes(2 * BLOCK):
+        return None
+    # Headers start on 512-byte boundaries: gather them as whole rows of the archive seen as blocks.
+    rows = np.frombuffer(data, dtype=np.uint8, count=end // BLOCK * BLOCK).reshape(-1, BLOCK)
+    blocks = rows[np.asarray(starts) // BLOCK]
+    size_arr = np.asarray(sizes, dtype=np.int64)
+    checksum = (blocks[:, 148:154].astype(np.int64) - ord("0")) @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
+    total = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    names = blocks[:, :100]
+    length = np.where((names == 0).any(axis=1), (names == 0).argmax(axis=1), 100)
+    in_name = np.arange(100)[None, :] < length[:, None]
+    ok = (_OCTAL_DIGITS[blocks[:, 124:135]].all(axis=1) & (blocks[:, 135] == 0)
+          & _OCTAL_DIGITS[blocks[:, 148:154]].all(axis=1) & (blocks[:, 154] == 0) & (blocks[:, 155] == 32)
+          & (checksum == total) & (blocks[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all(axis=1)
+          & ((blocks[:, 156] == ord("0")) | (blocks[:, 156] == 0)) & (blocks[:, 345] == 0)
+          & (length > 0) & (_NAME_BYTES[names] | ~in_name).all(axis=1)
+          & (size_arr <= max_member_bytes) & (np.asarray(starts) + BLOCK + size_arr <= end))
+    if not ok.all():
+        return None
+    out = []
+    for start, size, n in zip(starts, sizes, length.tolist(), strict=True):
+        name = data[start:start + n].decode("ascii")
+        if name in (".", ".."):
+            return None
+        out.append((name, start + BLOCK, size))
+    return out
+
+
+def iter_ustar(data: bytes, *, where: str,
+               max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each member of an in-memory ustar archive, strictly validated.
+
+    Accepts only what ``write_shard`` (or any plain ustar/GNU writer) produces for regular
+    files; links, devices, directories and extended headers are refused, every header checksum
+    and size is checked before any member is returned, and the end-of-archive marker is required
+    (a tar cut at a member boundary would otherwise read as a valid, shorter shard). Errors are
+    those of the first bad header, checksum first, as if headers were checked one by one.
+    """
+    fast = _fast_scan(data, max_member_bytes)
+    if fast is not None:
+        for name, start, size in fast:
+            yield name, data[start:start + size]
+        return
+    pos, zero, limits = 0, bytes(BLOCK), (len(data), max_member_bytes)
+    starts: list[int] = []
+    members: list[tuple[str, int, int]] = []
+    try:
+        while True:
+            header = data[pos:pos + BLOCK]
+            if len(header) < BLOCK:
+                raise DataError(f"{where}: truncated tar (no end-of-archive marker after byte "
+                                f"{pos}); {_RERUN}.")
+            if header == zero:
+                if data[pos + BLOCK:pos + 2 * BLOCK] != zero:
+                    raise DataError(f"{where}: truncated tar (incomplete end-of-archive marker at "
+                                    f"byte {pos}); {_RERUN}.")
+                break
+            starts.append(pos)
+            name, size = _member(data, pos, limits, where)
+            members.append((name, pos + BLOCK, size))
+            pos += BLOCK + size + (-size % BLOCK)
+    except DataError:
+        _check_headers(data, starts, where)  # a bad checksum before (or at) this header wins
+        raise
+    _check_headers(data, starts, where)
+    for name, start, size in members:
+        yield name, data[start:start + size]
 
 
 def _parse_int(text: bytes, *, what: str, where: str) -> int:
@@ -304,6 +326,27 @@ def _collect_members(data: bytes, where: str, max_member_bytes: int) -> dict[str
     return by_key
 
 
+STREAM_CHUNK = 8 << 20  # bytes per read from the opener: large reads, few calls, hashed as they arrive
+
+
+def shard_bytes_from_url(path: Location, *, where: str, expected_sha256: str | None = None) -> bytes:
+    """The whole shard at ``path`` (a local path or a URL), read through webdataset's opener and
+    hashed as it streams; DataError naming ``where`` if it cannot be read (a missing object, a
+    dropped connection, a ``pipe:`` command that fails) or its sha256 differs from ``expected_sha256``."""
+    digest, parts = hashlib.sha256(), []
+    try:
+        with contextlib.closing(open_for_reading(path)) as stream:
+            while chunk := stream.read(STREAM_CHUNK):
+                digest.update(chunk)
+                parts.append(chunk)
+    except OSError as exc:  # also a pipe: command's non-zero exit status, raised when it is closed
+        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        raise DataError(f"{where}: sha256 {digest.hexdigest()} does not match the manifest's "
+                        f"{expected_sha256}: the shard is corrupt or was rewritten; {_RERUN}.")
+    return b"".join(parts)
+
+
 def read_shard(path: Location, *, expected_sha256: str | None = None,
                num_classes: int | None = None,
                max_member_bytes: int = MAX_MEMBER_BYTES) -> list[Sample]:
@@ -316,7 +359,7 @@ def read_shard(path: Location, *, expected_sha256: str | None = None,
     """
     path = as_location(path)
     where = f"shard {path}"
-    data = open_shard(path, where=where, expected_sha256=expected_sha256)  # sha256 checked as it streams
+    data = shard_bytes_from_url(path, where=where, expected_sha256=expected_sha256)
     samples = []
     for key, files in _collect_members(data, where, max_member_bytes).items():
         images = [e for e in IMAGE_EXTS if e in files]
