@@ -16,6 +16,7 @@ from pipeline.artifacts import load_model  # noqa: E402
 from pipeline.augment import Normalization  # noqa: E402
 from pipeline.config import AugmentConfig, EvalConfig  # noqa: E402
 from pipeline.data import Manifest  # noqa: E402
+from pipeline.data.location import Location
 from pipeline.outputs import write_files  # noqa: E402
 from pipeline.reports import write_metrics  # noqa: E402
 from pipeline.stream import ShardStream, StreamSpec  # noqa: E402
@@ -83,7 +84,7 @@ def teacher_agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) ->
 NOT_METRICS = ("model", "arch", "per_class_top1")
 
 
-def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Path, metrics_path: Path,
+def run_evaluate(*, model_path: Path, manifest_path: Path, shards_dir: Location, metrics_path: Path,
                  plots_dir: Path, cfg: EvalConfig, aug: AugmentConfig,
                  teacher_path: Path | None = None) -> dict[str, Any]:
     model, card = load_model(model_path)

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.data import DataError, Manifest, sha256_file
+from pipeline.data.location import Location, as_location, join
 from pipeline.inspect_stats import (
     QUANTILES,
     class_summary,
@@ -57,17 +58,17 @@ class CachedViews:
         return CachedViews(**{k: getattr(self, k)[keep] for k in self.__dataclass_fields__})
 
 
-def shard_labels(manifest: Manifest, shards_dir: Path, shard: int, start: int, end: int) -> np.ndarray:
+def shard_labels(manifest: Manifest, shards_dir: Location, shard: int, start: int, end: int) -> np.ndarray:
     """Labels of one training shard (checksum verified), checked against the store's index range."""
     info = manifest.splits["train"].shards[shard]
     samples = manifest.read_shard(shards_dir, "train", shard)  # sha256, labels < num_classes, indices
     if [s.index for s in samples] != list(range(start, end)):
-        raise CacheError(f"{shards_dir / info.name}: indices do not match the store's range [{start}, "
+        raise CacheError(f"{join(shards_dir, info.name)}: indices do not match the store's range [{start}, "
                          f"{end}); rerun `aekt prepare` and `aekt cache`.")
     return np.array([s.label for s in samples], dtype=np.int64)
 
 
-def read_views(store: LogitStore, manifest: Manifest, shards_dir: Path, *, done: np.ndarray,
+def read_views(store: LogitStore, manifest: Manifest, shards_dir: Location, *, done: np.ndarray,
                views: list[int], shards: list[int], tau: float) -> tuple[CachedViews, dict[str, int]]:
     """Decode the rows of ``views`` × ``shards`` marked in ``done`` ``[V, n_shards]`` (one shard's
     labels serve all its views). Labels come from the store (written there before the shard's first
@@ -231,7 +232,7 @@ def head_report(student_path: Path, classes: tuple[str, ...], confusion: np.ndar
     return out, weight
 
 
-def inspect_store(*, store_path: Path, manifest_path: Path, shards_dir: Path, tau: float = 1.0,
+def inspect_store(*, store_path: Location, manifest_path: Path, shards_dir: Location, tau: float = 1.0,
                   classes: Sequence[str] = (), views: Sequence[int] = (), max_shards: int | None = None,
                   student_path: Path | None = None, eval_path: Path | None = None,
                   plots_dir: Path | None = None) -> dict[str, Any]:
@@ -253,7 +254,7 @@ def inspect_store(*, store_path: Path, manifest_path: Path, shards_dir: Path, ta
     done = store.done_mask()
     use_views = sorted(set(views)) or list(range(prov.views))
     shards = pick_shards(prov.num_shards, max_shards)
-    data, label_sources = read_views(store, manifest, Path(shards_dir), done=done, views=use_views,
+    data, label_sources = read_views(store, manifest, as_location(shards_dir), done=done, views=use_views,
                                      shards=shards, tau=tau)
     if picked:
         data = data.subset(np.isin(data.label, picked))

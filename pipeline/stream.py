@@ -30,12 +30,13 @@ from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.data import Manifest
 from pipeline.data.images import decode_stack
+from pipeline.data.location import Location
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     manifest_path: Path
-    shards_dir: Path
+    shards_dir: Location
     split: str
     recipe: str
     image_size: int
@@ -44,7 +45,7 @@ class StreamSpec:
     train: bool = True  # False: deterministic eval transform, manifest order, no logits
     seed: int = 0  # shuffling seed
     view_policy: str = "cycle"
-    store_path: Path | None = None
+    store_path: Location | None = None
     # Fixed-size recipes: yield the decoded image with its params and let the trainer augment the
     # whole batch on its device (augment.apply_batch, the function apply() itself calls), instead of
     # ~10 small tensor ops per sample in the workers.

@@ -19,6 +19,7 @@ from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.config import AugmentConfig, CacheConfig, LossConfig, StudentConfig, TrainConfig
 from pipeline.data import Manifest
+from pipeline.data.location import Location
 from pipeline.heads import DistillStudent
 from pipeline.models import build_model, classifier_of
 from pipeline.models.registry import check_arch, model_normalization
@@ -33,9 +34,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StudentPaths:
     manifest: Path
-    shards_dir: Path
+    shards_dir: Location
     teacher: Path  # models/teacher.safetensors (its card is checked against the cache)
-    store: Path
+    store: Location
     model_out: Path  # models/student.safetensors
     metrics: Path
     history: Path

@@ -15,6 +15,7 @@ from pipeline.artifacts import save_model, sha256_file
 from pipeline.augment import Normalization
 from pipeline.config import AugmentConfig, LossConfig, TeacherConfig
 from pipeline.data import Manifest
+from pipeline.data.location import Location
 from pipeline.heads import DistillStudent
 from pipeline.live import LiveLog
 from pipeline.models import (
@@ -69,7 +70,7 @@ def _fit(cfg: TeacherConfig, backbone: torch.nn.Module, manifest: Manifest, norm
     return wrapped.backbone, history
 
 
-def run_teacher(*, manifest_path: Path, shards_dir: Path, model_out: Path, metrics_path: Path,
+def run_teacher(*, manifest_path: Path, shards_dir: Location, model_out: Path, metrics_path: Path,
                 history_path: Path, cfg: TeacherConfig, aug: AugmentConfig,
                 progress: bool = True, live_dir: Path | None = None) -> dict[str, Any]:
     """Train the teacher, import it (``teacher.checkpoint``), or import and fine-tune it

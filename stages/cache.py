@@ -36,11 +36,12 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
     (`accelerate launch --multi_gpu --num_processes N -m stages.cli cache ...` or `torchrun
     --nproc_per_node N -m stages.cli cache ...`, on CPU as on GPUs)."""
     from pipeline.cache.build import build_cache
+    from pipeline.data.location import as_location
     from pipeline.outputs import write_text
 
     cache, augment = read_sections(params_path, "cache", "augment")
-    result = build_cache(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),
-                         teacher_path=Path(teacher_path), store_path=Path(store_path), cfg=cache,
+    result = build_cache(manifest_path=Path(manifest_path), shards_dir=as_location(shards_dir),
+                         teacher_path=Path(teacher_path), store_path=as_location(store_path), cfg=cache,
                          aug=augment, rebuild=rebuild, progress=not no_progress)
     if result["disk_bytes"]:
         if summary:

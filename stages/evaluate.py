@@ -26,12 +26,13 @@ def main(params_path: str, model_path: str, manifest_path: str, shards_dir: str,
          plots_dir: str, teacher_path: str | None) -> None:
     """Write metrics/eval.json, a per-class CSV and a confusion-matrix PNG."""
     from pipeline.artifacts import check_writable
+    from pipeline.data.location import as_location
     from pipeline.evaluate import run_evaluate
 
     check_writable(**{"--metrics": metrics}, folders={"--plots": plots_dir})
     cfg, augment = read_sections(params_path, "eval", "augment")
     report = run_evaluate(model_path=Path(model_path), manifest_path=Path(manifest_path),
-                          shards_dir=Path(shards_dir), metrics_path=Path(metrics),
+                          shards_dir=as_location(shards_dir), metrics_path=Path(metrics),
                           plots_dir=Path(plots_dir), cfg=cfg, aug=augment,
                           teacher_path=Path(teacher_path) if teacher_path else None)
     agreement = f", agrees with the teacher on {report['teacher_agreement']:.2%}" if teacher_path else ""

@@ -37,14 +37,15 @@ def main(store_path: str, manifest_path: str, shards_dir: str, tau: float, class
          plots_dir: str, as_json: bool, json_out: str | None) -> None:
     """Teacher confidence report of the finished rows of STORE: per-class p_t, accuracy, ECE,
     non-target entropy, confused pairs and agreement across views, plus PNG plots and a CSV."""
+    from pipeline.data.location import as_location
     from pipeline.inspect_cache import inspect_store
     from pipeline.inspect_text import format_text
     from pipeline.outputs import echo, write_text
 
     if eval_path and not student_path:
         raise click.UsageError("--eval-metrics needs --student (the student it was measured on).")
-    report = inspect_store(store_path=Path(store_path), manifest_path=Path(manifest_path),
-                           shards_dir=Path(shards_dir), tau=tau, classes=classes, views=views,
+    report = inspect_store(store_path=as_location(store_path), manifest_path=Path(manifest_path),
+                           shards_dir=as_location(shards_dir), tau=tau, classes=classes, views=views,
                            max_shards=max_shards, student_path=student_path and Path(student_path),
                            eval_path=eval_path and Path(eval_path), plots_dir=Path(plots_dir))
     if json_out:

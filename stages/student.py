@@ -46,14 +46,15 @@ def main(params_path: str, manifest_path: str, shards_dir: str, teacher_path: st
     """Train `student.arch` with `loss.name` (CE + AEKT by default), reading each shard's cached
     logits once per epoch; exports the student without its distillation head."""
     from pipeline.artifacts import check_writable
+    from pipeline.data.location import as_location
     from pipeline.student import StudentPaths, train_student
 
     check_writable(**{"--out": model_out, "--metrics": metrics, "--history": history},
                    folders={"--checkpoints": checkpoints})
     student, loss, train, cache, augment = read_sections(
         params_path, "student", "loss", "train", "cache", "augment")
-    paths = StudentPaths(manifest=Path(manifest_path), shards_dir=Path(shards_dir),
-                         teacher=Path(teacher_path), store=Path(store_path), model_out=Path(model_out),
+    paths = StudentPaths(manifest=Path(manifest_path), shards_dir=as_location(shards_dir),
+                         teacher=Path(teacher_path), store=as_location(store_path), model_out=Path(model_out),
                          metrics=Path(metrics), history=Path(history), ckpt_dir=Path(checkpoints),
                          live=Path(live_dir) if live_dir else None)
     result = train_student(paths, student=student, loss=loss, train=train, cache=cache, aug=augment,

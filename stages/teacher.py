@@ -36,11 +36,12 @@ def main(params_path: str, manifest_path: str, shards_dir: str, model_out: str, 
          history: str, live_dir: str | None, no_progress: bool) -> None:
     """Train `teacher.arch` with CE on the shards (or import a checkpoint) and record its sha256."""
     from pipeline.artifacts import check_writable
+    from pipeline.data.location import as_location
     from pipeline.teacher import run_teacher
 
     check_writable(**{"--out": model_out, "--metrics": metrics, "--history": history})
     teacher, augment = read_sections(params_path, "teacher", "augment")
-    result = run_teacher(manifest_path=Path(manifest_path), shards_dir=Path(shards_dir),
+    result = run_teacher(manifest_path=Path(manifest_path), shards_dir=as_location(shards_dir),
                          model_out=Path(model_out), metrics_path=Path(metrics),
                          history_path=Path(history), cfg=teacher, aug=augment, progress=not no_progress,
                          live_dir=Path(live_dir) if live_dir else None)

@@ -42,11 +42,12 @@ def main(params_path: str, store_path: str, manifest_path: str, shards_dir: str,
     decoded vs fresh logits at tau 1 and 4."""
     from pipeline.cache.store import CacheError
     from pipeline.cache.verify import failure_message, verify_cache
+    from pipeline.data.location import as_location
     from pipeline.outputs import echo
 
     cache, augment = read_sections(params_path, "cache", "augment")
-    report = verify_cache(store_path=Path(store_path), manifest_path=Path(manifest_path),
-                          shards_dir=Path(shards_dir), teacher_path=Path(teacher_path), cfg=cache,
+    report = verify_cache(store_path=as_location(store_path), manifest_path=Path(manifest_path),
+                          shards_dir=as_location(shards_dir), teacher_path=Path(teacher_path), cfg=cache,
                           aug=augment, samples=samples, seed=seed, tolerance=tolerance)
     if as_json:
         echo(json.dumps(report, indent=2), rerun="aekt verify-cache")

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The S3 fixtures (moto on loopback), for every test module that asks for them.
+from tests.s3_server import bucket, s3_env, s3_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

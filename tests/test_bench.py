@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import cache_read, run_all, scaling, stage1, student_step
+from bench import cache_read, object_store, run_all, scaling, stage1, student_step
 from bench.common import format_table, linear_fit, machine_info, paired_ratio
 from stages.bench import main as bench_command
 
@@ -70,6 +71,16 @@ def test_stage1_writes_per_codec(tmp_path: Path) -> None:
         assert {"sample_views_per_s", "ratio_to_forward_only", "encode_sample_views_per_s",
                 "write_sample_views_per_s", "disk_bytes_per_sample_view"} <= set(r)
     assert payload["profile_write_items"]
+
+
+def test_object_store_reports_s3_over_local_ratios(tmp_path: Path) -> None:
+    argv = ["--samples", "40", "--shard-size", "16", "--views", "1", "--rounds", "1", "--out-dir", str(tmp_path)]
+    assert object_store.main(argv) == 0
+    payload = load_strict(tmp_path / "object_store-cpu.json")
+    check_common(payload, "object_store")
+    assert set(payload["ratios"]) == {"loader_s3_over_local", "writer_s3_over_local"}
+    assert all(r["median"] > 0 for r in payload["ratios"].values())
+    assert "AWS_ENDPOINT_URL" not in os.environ, "the loopback endpoint is not left behind"
 
 
 def test_cache_read_reports_bytes_and_fidelity(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from pipeline.cache.writer import (
 )
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
+from pipeline.data.location import Location, as_location, is_object_store
 from pipeline.device_decode import pixel_source
 from pipeline.distributed import make_accelerator
 
@@ -71,9 +72,15 @@ def store_bytes_estimate(prov: Provenance) -> int:
     return prov.views * prov.num_samples * per_row
 
 
-def check_free_space(store_path: Path, prov: Provenance) -> None:
+def check_free_space(store_path: Location, prov: Provenance) -> None:
     """Refuse to start stage 1 when the store cannot fit: a full disk found after hours of teacher
-    work would waste them (rows written so far are kept, but nothing else can proceed)."""
+    work would waste them (rows written so far are kept, but nothing else can proceed). An object
+    store has no free-space figure to check (a bucket quota shows as a write error that names the row)."""
+    if is_object_store(store_path):
+        log.info("%s: object store, no free-space check (about %.2f GB to write)", store_path,
+                 store_bytes_estimate(prov) / 1e9)
+        return
+    store_path = Path(store_path)
     need = store_bytes_estimate(prov)
     if store_path.is_dir():  # resuming (or rebuilding beside it): what is already there counts
         need -= sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
@@ -86,22 +93,23 @@ def check_free_space(store_path: Path, prov: Provenance) -> None:
                          "augment.views or a smaller cache.codec (int8, topk).")
 
 
-def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, store_path: Path,
+def build_cache(*, manifest_path: Path, shards_dir: Location, teacher_path: Path, store_path: Location,
                 cfg: CacheConfig, aug: AugmentConfig, rebuild: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     """Write every missing (view, shard) chunk row; returns a summary (items, seconds, bytes)."""
-    refuse_to_replace(Path(store_path), quick=True)  # a wrong --store fails before any work or lock
+    store_path = as_location(store_path)  # a local folder or an object-store URL
+    refuse_to_replace(store_path, quick=True)  # a wrong --store fails before any work or lock
     accelerator = make_accelerator(cpu=not torch.cuda.is_available())
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
     prov = expected_provenance(manifest, card, cfg, aug, accelerator.device.type)
-    check_free_space(Path(store_path), prov)  # before the lock, the teacher on the device, any row
-    source = ShardSource(manifest, Path(shards_dir))
+    check_free_space(store_path, prov)  # before the lock, the teacher on the device, any row
+    source = ShardSource(manifest, as_location(shards_dir))
     main = accelerator.is_main_process
     start = time.perf_counter()
     with store_lock(store_path) if main else nullcontext():
         if main:
-            store = open_or_create(Path(store_path), prov, cfg, rebuild=rebuild)
+            store = open_or_create(store_path, prov, cfg, rebuild=rebuild)
         accelerator.wait_for_everyone()
         if not main:
             store = LogitStore.open(store_path, mode="r+")

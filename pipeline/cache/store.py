@@ -24,7 +24,6 @@ import os
 import shutil
 import threading
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,15 @@ from zarr.codecs import BloscCodec
 # CacheError and Provenance are imported from here by the rest of the project.
 from pipeline.cache.errors import CacheError
 from pipeline.cache.provenance import SCHEMA_VERSION, Provenance
-from pipeline.cache.store_folder import refuse_to_replace, remove_leftover
+from pipeline.cache.store_folder import (
+    bytes_under,
+    clear_object_store,
+    key_exists,
+    keys_under,
+    refuse_to_replace,
+    remove_leftover,
+)
+from pipeline.data.location import Location, as_location, is_object_store
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,8 @@ def _compressors(name: str, clevel: int) -> list[Any] | None:
 class LogitStore:
     """A handle on one store; cheap to open, safe to use from several reader processes at once."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, provenance: Provenance):
-        self.path = Path(path)
+    def __init__(self, path: Location, group: zarr.Group, provenance: Provenance):
+        self.path = as_location(path)  # a local folder, or an object-store URL
         self.group = group
         self.provenance = provenance
         self.codec = provenance.make_codec()
@@ -84,9 +91,9 @@ class LogitStore:
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> LogitStore:
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+    def open(cls, path: Location, mode: str = "r") -> LogitStore:
+        path = as_location(path)
+        if not key_exists(path, "zarr.json"):
             raise CacheError(f"{path}: not a logit store (no zarr.json). Build it with `aekt cache` "
                              "(or `dvc repro cache`).")
         try:
@@ -100,29 +107,19 @@ class LogitStore:
         return store
 
     @classmethod
-    def create(cls, path: str | Path, prov: Provenance, *, compressor: str = "zstd",
+    def create(cls, path: Location, prov: Provenance, *, compressor: str = "zstd",
                clevel: int = 3) -> LogitStore:
-        path = Path(path)
+        path = as_location(path)
         refuse_to_replace(path)  # before anything is written: only our own store may be replaced
+        if is_object_store(path):
+            return cls._create_in_place(str(path), prov, compressor, clevel)
         # Built beside the store and renamed into place: a kill mid-creation leaves no store (a
         # rerun creates it), never one without provenance that a plain rerun would refuse. An old
         # store is renamed aside first, so `path` is never a half-deleted store either.
         tmp, old = (path.with_name(f".{path.name}.{suffix}") for suffix in ("tmp-create", "tmp-old"))
         for leftover in (tmp, old):
             remove_leftover(leftover)
-        group = zarr.open_group(str(tmp), mode="w")
-        v, n, s = prov.views, prov.num_samples, prov.shard_size
-        comp = _compressors(compressor, clevel)
-        for name, spec in prov.make_codec().fields(prov.num_classes).items():
-            group.create_array(name, shape=(v, n, *spec.row_shape), chunks=(1, s, *spec.row_shape),
-                               dtype=spec.dtype, compressors=comp, fill_value=0)
-        group.create_array("params", shape=(v, n, prov.num_params), chunks=(1, s, prov.num_params),
-                           dtype="float32", compressors=comp, fill_value=0)
-        group.create_array("labels", shape=(n,), chunks=(s,), dtype="int32", compressors=comp, fill_value=-1)
-        # One uncompressed one-byte chunk per marker: each (view, shard) marker is its own object.
-        group.create_array("done", shape=(v, prov.num_shards), chunks=(1, 1), dtype="uint8",
-                           compressors=None, fill_value=0)
-        group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": asdict(prov)})
+        _init_arrays(zarr.open_group(str(tmp), mode="w"), prov, compressor, clevel)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -133,6 +130,17 @@ class LogitStore:
         except OSError as err:  # the new store is in place; the next create removes the rest
             log.warning("%s: could not remove the replaced store (%s)", old, err)
         return cls(path, zarr.open_group(str(path), mode="r+"), prov)
+
+    @classmethod
+    def _create_in_place(cls, url: str, prov: Provenance, compressor: str, clevel: int) -> LogitStore:
+        """Create the store on an object store, which has no rename: the old store (or a killed
+        create's leftovers) is deleted group metadata first, the arrays are created, and the group
+        attrs (schema, provenance) are written last, so until then the prefix is no store and a
+        rerun creates it again."""
+        clear_object_store(url)
+        group = zarr.open_group(url, mode="w")
+        _init_arrays(group, prov, compressor, clevel)
+        return cls(url, zarr.open_group(url, mode="r+"), prov)
 
     def _check_arrays(self) -> None:
         prov = self.provenance
@@ -195,8 +203,7 @@ class LogitStore:
             return []
         out = []
         for name in self.row_arrays():
-            present = {os.path.relpath(os.path.join(root, f), self.path)
-                       for root, _, files in os.walk(self.path / name) for f in files}
+            present = keys_under(self.path, name)
             out += [(v, s, name) for v, s in rows if self.chunk_key(name, v, s) not in present]
         return [m for m in out if not (m[2] == "params" and self._params_all_fill(m[0], m[1]))]
 
@@ -230,7 +237,7 @@ class LogitStore:
 
     def labels_written(self, shard: int) -> bool:
         """Whether shard ``shard``'s labels chunk exists (a stat: zarr writes a chunk file whole)."""
-        return self.has_labels and os.path.isfile(self.path / self.chunk_key("labels", -1, shard))
+        return self.has_labels and key_exists(self.path, self.chunk_key("labels", -1, shard))
 
     def write_labels(self, shard: int, labels: np.ndarray) -> None:
         start, end = self.provenance.shard_range(shard)
@@ -261,10 +268,10 @@ class LogitStore:
 
     def _check_row_present(self, view: int, shard: int) -> None:
         """Raise if a chunk file of row (view, shard) is absent: zarr would return the fill value.
-        One stat per array (the store is a local folder); zarr's own ``store.exists`` costs ~0.4 ms
-        per row through its IO thread, a stat a few microseconds."""
+        One stat per array for a local folder (zarr's own ``store.exists`` costs ~0.4 ms per row
+        through its IO thread, a stat a few microseconds); a HEAD request on an object store."""
         for name in self.row_arrays():
-            if not os.path.isfile(self.path / self.chunk_key(name, view, shard)) and \
+            if not key_exists(self.path, self.chunk_key(name, view, shard)) and \
                     not (name == "params" and self._params_all_fill(view, shard)):
                 raise self._missing_error(view, shard, name)
 
@@ -290,5 +297,21 @@ class LogitStore:
         """On-disk bytes per array (compressed chunks + metadata)."""
         out = {}
         for name in self.group.array_keys():
-            out[name] = sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file())
+            out[name] = bytes_under(self.path, name)
         return out
+
+
+def _init_arrays(group: zarr.Group, prov: Provenance, compressor: str, clevel: int) -> None:
+    """Create the store's arrays in ``group``, then write its attrs (last: they make it a store)."""
+    v, n, s = prov.views, prov.num_samples, prov.shard_size
+    comp = _compressors(compressor, clevel)
+    for name, spec in prov.make_codec().fields(prov.num_classes).items():
+        group.create_array(name, shape=(v, n, *spec.row_shape), chunks=(1, s, *spec.row_shape),
+                           dtype=spec.dtype, compressors=comp, fill_value=0)
+    group.create_array("params", shape=(v, n, prov.num_params), chunks=(1, s, prov.num_params),
+                       dtype="float32", compressors=comp, fill_value=0)
+    group.create_array("labels", shape=(n,), chunks=(s,), dtype="int32", compressors=comp, fill_value=-1)
+    # One uncompressed one-byte chunk per marker: each (view, shard) marker is its own object.
+    group.create_array("done", shape=(v, prov.num_shards), chunks=(1, 1), dtype="uint8",
+                       compressors=None, fill_value=0)
+    group.attrs.update({"schema_version": SCHEMA_VERSION, "provenance": asdict(prov)})

@@ -23,6 +23,7 @@ from pipeline.cache.store import CacheError, LogitStore
 from pipeline.cache.writer import ShardSource, augment_views, teacher_logits
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
+from pipeline.data.location import Location, as_location
 from pipeline.device_decode import decode_and_augment
 from pipeline.progress import Progress
 
@@ -45,7 +46,7 @@ def kl_at(reference: np.ndarray, approx: np.ndarray, tau: float) -> np.ndarray:
     return (p.exp() * (p - q)).sum(dim=1).numpy()
 
 
-def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, teacher_path: Path,
+def verify_cache(*, store_path: Location, manifest_path: Path, shards_dir: Location, teacher_path: Path,
                  cfg: CacheConfig, aug: AugmentConfig, samples: int = 64, seed: int = 0,
                  tolerance: float | None = None) -> dict[str, Any]:
     """Recompute ``samples`` (view, sample) pairs; the report's ``failures`` say which check failed,
@@ -72,7 +73,7 @@ def verify_cache(*, store_path: Path, manifest_path: Path, shards_dir: Path, tea
     rng = np.random.default_rng(seed)
     choices = np.argwhere(done)
     picked = choices[rng.choice(len(choices), size=min(len(choices), max(1, samples // 8)), replace=False)]
-    source = ShardSource(manifest, Path(shards_dir))
+    source = ShardSource(manifest, as_location(shards_dir))
     teacher.eval()
     fresh_all, stored_all, where, bad_params = [], [], [], []
     norm = augment.Normalization.from_card(card)  # the teacher's own input normalisation

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
+import socket
 import stat
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +29,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import augment
 from pipeline.cache.store import CacheError, LogitStore, Provenance
-from pipeline.cache.store_folder import refuse_to_replace
+from pipeline.cache.store_folder import holds_store, refuse_to_replace
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
 from pipeline.data.images import decode_stack
+from pipeline.data.location import Location, filesystem, is_object_store
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,7 @@ class ShardSource:
     """Where a split's shards live and how to decode them."""
 
     manifest: Manifest
-    shards_dir: Path
+    shards_dir: Location  # a local folder or a URL
     split: str = "train"
 
     def load(self, shard: int, *, decode: bool = True
@@ -97,11 +103,16 @@ class _ViewItems(IterableDataset):
 
 
 @contextmanager
-def store_lock(path: Path) -> Iterator[None]:
+def store_lock(path: Location) -> Iterator[None]:
     """Exclusive lock beside the store: a second `aekt cache` on the same store refuses to start.
 
     The lock file is opened without truncating and without following a link, so whatever sits at
-    ``<store>.lock`` is never modified, and anything but a plain file there is refused."""
+    ``<store>.lock`` is never modified, and anything but a plain file there is refused. On an object
+    store, which has no file locks, the lock is a lease object (``object_lease``)."""
+    if is_object_store(path):
+        with object_lease(f"{path}.lock", store=str(path)):
+            yield
+        return
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fix = ("`aekt cache` keeps its lock file at this path, beside the store; move it away (it is not "
@@ -124,11 +135,94 @@ def store_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def open_or_create(path: Path, prov: Provenance, cfg: CacheConfig, *, rebuild: bool) -> LogitStore:
+# An object-store lease lasts LEASE_SECONDS and is renewed every third of that while stage 1 runs; a
+# lease that has expired (its holder was killed or lost the network) may be taken over.
+LEASE_SECONDS = float(os.environ.get("AEKT_LEASE_SECONDS", "60"))
+
+
+def _lease_body(owner: str) -> bytes:
+    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                       "expires": time.time() + LEASE_SECONDS}).encode()
+
+
+def _stale(doc: dict) -> bool:
+    """A lease nobody holds any more: expired, or taken on this host by a process that is gone."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("expires"), int | float):
+        return True  # damaged: a lease we wrote is always readable
+    if doc["expires"] < time.time():
+        return True
+    if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int):
+        try:
+            os.kill(doc["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+def _take_lease(fs: object, key: str, owner: str, url: str, store: str) -> None:
+    """Create the lease object only if there is none (a conditional PUT), taking over a stale one."""
+    for attempt in range(2):
+        try:
+            fs.pipe_file(key, _lease_body(owner), mode="create")  # type: ignore[attr-defined]
+            return
+        except FileExistsError:
+            try:
+                doc = json.loads(fs.cat_file(key))  # type: ignore[attr-defined]
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except ValueError:
+                doc = None
+            if attempt or not _stale(doc):
+                held = f"held by {doc.get('host')} pid {doc.get('pid')}" if isinstance(doc, dict) else "held"
+                raise CacheError(f"{store}: another `aekt cache` is writing this store (lease {url} is {held}, "
+                                 f"renewed every {LEASE_SECONDS / 3:.0f} s). Wait for it to finish; stage 1 resumes "
+                                 f"where it stops. A lease left by a killed run expires {LEASE_SECONDS:.0f} s after "
+                                 "its last renewal (at once on the same host).") from None
+            log.warning("%s: taking over a stale lease (%s)", url, doc)
+            fs.rm_file(key)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def object_lease(url: str, *, store: str) -> Iterator[None]:
+    """An exclusive lease object at ``url``: created with a conditional PUT (If-None-Match), renewed
+    by a thread while held, deleted on exit. A renewal that finds another owner stops the run."""
+    fs, key = filesystem(url)
+    owner = uuid.uuid4().hex
+    _take_lease(fs, key, owner, url, store)
+    stop, lost = threading.Event(), threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
+            try:
+                if json.loads(fs.cat_file(key)).get("owner") != owner:
+                    lost.set()
+                    return
+                fs.pipe_file(key, _lease_body(owner))
+            except (OSError, ValueError) as err:  # a network hiccup: try again at the next renewal
+                log.warning("%s: could not renew the lease (%s)", url, err)
+
+    thread = threading.Thread(target=renew, name="aekt-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if not lost.is_set():
+            with suppress(FileNotFoundError):
+                fs.rm_file(key)
+    if lost.is_set():
+        raise CacheError(f"{store}: another run took over this store's lease ({url}) while this one wrote it; "
+                         "rerun `aekt cache` once the other run has finished (it resumes).")
+
+
+def open_or_create(path: Location, prov: Provenance, cfg: CacheConfig, *, rebuild: bool) -> LogitStore:
     """Reuse a store built from the same inputs (resume), else rebuild it or refuse. Only a folder
     that is a logit store is ever replaced (``refuse_to_replace``)."""
     refuse_to_replace(path, quick=True)
-    if path.exists() and any(path.iterdir()):  # an empty folder (e.g. made by hand) is no store yet
+    if holds_store(path):  # an empty folder (e.g. made by hand) is no store yet
         try:
             store = LogitStore.open(path, mode="r+")
             diff = store.provenance.mismatches(prov)

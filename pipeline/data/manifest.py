@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.location import Location, join
 from pipeline.data.samples import DataError, Sample
 from pipeline.data.shards import read_shard, shard_name
 
@@ -130,18 +131,18 @@ class Manifest:
                    shard_size=raw["shard_size"], splits=splits, sha256=stored,
                    image_shape=tuple(raw["image_shape"]) if "image_shape" in raw else None)
 
-    def shard_paths(self, shards_dir: str | Path, split: str) -> list[Path]:
-        """Paths of ``split``'s shards under ``shards_dir``, in index order."""
+    def shard_paths(self, shards_dir: Location, split: str) -> list[Location]:
+        """Paths (or URLs) of ``split``'s shards under ``shards_dir``, in index order."""
         if split not in self.splits:
             raise DataError(f"dataset {self.dataset!r} has no split {split!r}; its splits are "
                             f"{', '.join(self.splits) or 'none'}.")
-        return [Path(shards_dir) / sh.name for sh in self.splits[split].shards]
+        return [join(shards_dir, sh.name) for sh in self.splits[split].shards]
 
-    def read_shard(self, shards_dir: str | Path, split: str, shard: int) -> list[Sample]:
+    def read_shard(self, shards_dir: Location, split: str, shard: int) -> list[Sample]:
         """Samples of shard number ``shard`` of ``split``, checked against this manifest: the
         shard's sha256, every label in ``[0, num_classes)`` and the indices ``[start, end)``."""
         info = self.splits[split].shards[shard]
-        path = Path(shards_dir) / info.name
+        path = join(shards_dir, info.name)  # a local path or a URL
         samples = read_shard(path, expected_sha256=info.sha256, num_classes=self.num_classes)
         if [s.index for s in samples] != list(range(info.start, info.end)):
             found = f"[{samples[0].index}, {samples[-1].index + 1})" if samples else "nothing"

@@ -9,6 +9,12 @@ Nothing under a final name changes until everything is written: new shards go to
 staging folder ``<shards_dir>/.prepare-<pid>/`` and the manifest to a temporary name beside it,
 then all are renamed into place. A failure (disk full, a corrupt image, Ctrl-C) removes only what
 this run wrote and leaves the previous shards and manifest as they were.
+
+``shards_dir`` may be an object-store URL (``s3://bucket/shards/digits``): there is no rename there,
+so each shard is written under its final name in one request (readers see the old object or the new
+one, never part of one) and the manifest, always a local file, is still written last. A failed run
+can then leave new shards beside the previous manifest: readers refuse them by their sha256 until
+`aekt prepare` is rerun.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.data.images import decode_array, encode_npy, encode_png, npy_shape, verify_for_storage
+from pipeline.data.location import Location, delete_object, is_object_store, is_url, join, list_names, write_object
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.samples import DataError, ImageDecodeError, RawItem, Sample, make_key
 from pipeline.data.shards import shard_bytes, shard_name
@@ -104,8 +111,19 @@ def _same_bytes(path: Path, data: bytes) -> bool:
         return False
 
 
+def put_shard(url: Location, data: bytes) -> None:
+    """Write one shard object at ``url`` in a single request."""
+    try:
+        write_object(url, data)
+    except OSError as exc:
+        raise DataError(f"{url}: cannot write this shard: {exc}. Check that the bucket exists and that the "
+                        "credentials in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                        "AWS_ENDPOINT_URL) may write there, then rerun `aekt prepare`; the manifest is "
+                        "unchanged.") from exc
+
+
 def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels: int,
-                 shards_dir: Path, staging: Path, pool: multiprocessing.pool.Pool | None,
+                 shards_dir: Location, staging: Path | None, pool: multiprocessing.pool.Pool | None,
                  progress: bool, exts: set[str], shapes: set[tuple[int, ...]]) -> SplitInfo:
     shards: list[ShardInfo] = []
     skipped: list[str] = []
@@ -114,7 +132,9 @@ def _write_split(split: str, items: list[RawItem], *, cfg: DataConfig, channels:
     def flush() -> None:
         name = shard_name(split, len(shards))
         data = shard_bytes(buffer, where=name)
-        if not _same_bytes(shards_dir / name, data):
+        if staging is None:  # an object store: no staging folder, no rename
+            put_shard(join(shards_dir, name), data)
+        elif not _same_bytes(shards_dir / name, data):
             write_new(staging / name, data, shown=shards_dir / name)
         shards.append(ShardInfo(name=name, count=len(buffer), start=buffer[0].index,
                                 end=buffer[-1].index + 1, sha256=hashlib.sha256(data).hexdigest()))
@@ -199,6 +219,14 @@ def _remove_stale(shards_dir: Path, keep: set[str]) -> None:
             path.unlink()
 
 
+def _remove_stale_objects(shards_url: str, keep: set[str]) -> None:
+    """Delete our shard objects under ``shards_url`` that the new manifest no longer names."""
+    for name in list_names(shards_url):
+        if _OUR_SHARD.fullmatch(name) and name not in keep:
+            log.info("removing stale shard %s", join(shards_url, name))
+            delete_object(join(shards_url, name))
+
+
 def _pool_context() -> multiprocessing.context.BaseContext:
     # fork starts workers in milliseconds without re-importing torch; the parent has run no
     # torch ops at this point, so no thread pools are copied in a bad state.
@@ -206,7 +234,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def prepare(cfg: DataConfig, *, shards_dir: Path, manifest_path: Path,
+def prepare(cfg: DataConfig, *, shards_dir: Location, manifest_path: Path,
             progress: bool = True) -> Manifest:
     """Write every split of ``cfg``'s dataset as shards in ``shards_dir`` and its manifest.
 
@@ -214,13 +242,19 @@ def prepare(cfg: DataConfig, *, shards_dir: Path, manifest_path: Path,
     new manifest does not name are removed. Raises DataError for missing or malformed sources and
     (with ``on_corrupt: fail``) for the first corrupt image.
     """
-    shards_dir, manifest_path = Path(shards_dir), Path(manifest_path)
+    remote, manifest_path = is_url(shards_dir), Path(manifest_path)
+    if remote and not is_object_store(shards_dir):
+        raise DataError(f"--shards-dir {shards_dir}: `aekt prepare` writes shards to a local folder or an "
+                        "object store (s3://, gs://, …), not to a pipe: command or an http(s):// server.")
     plan: SourcePlan = open_source(cfg)
-    shards_dir.mkdir(parents=True, exist_ok=True)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(shards_dir)
-    staging = shards_dir / f".prepare-{os.getpid()}"
-    staging.mkdir()
+    staging = None
+    if not remote:
+        shards_dir = Path(shards_dir)
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        _remove_dead_staging(shards_dir)
+        staging = shards_dir / f".prepare-{os.getpid()}"
+        staging.mkdir()
     manifest_tmp = manifest_path.with_name(f".{manifest_path.name}.tmp-{os.getpid()}")
     exts: set[str] = set()
     shapes: set[tuple[int, ...]] = set()
@@ -238,17 +272,22 @@ def prepare(cfg: DataConfig, *, shards_dir: Path, manifest_path: Path,
             image_shape=shapes.pop() if fmt == "raw" else None)
         write_new(manifest_tmp, manifest.to_json().encode("utf-8"), shown=manifest_path)
         # Everything is written: renames only from here on (no data, so no disk-full failure).
-        for path in sorted(staging.iterdir()):
+        for path in sorted(staging.iterdir()) if staging else ():
             os.replace(path, shards_dir / path.name)
         os.replace(manifest_tmp, manifest_path)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        for path in staging.iterdir():  # after a failure: only the files this run wrote
+        for path in staging.iterdir() if staging else ():  # after a failure: only the files this run wrote
             path.unlink()
-        staging.rmdir()
+        if staging:
+            staging.rmdir()
         manifest_tmp.unlink(missing_ok=True)
-    _remove_stale(shards_dir, {sh.name for s in splits.values() for sh in s.shards})
+    keep = {sh.name for s in splits.values() for sh in s.shards}
+    if remote:
+        _remove_stale_objects(str(shards_dir), keep)
+    else:
+        _remove_stale(shards_dir, keep)
     log.info("wrote %s (sha256 %s)", manifest_path, manifest.sha256)
     return manifest

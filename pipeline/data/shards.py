@@ -5,10 +5,16 @@ members sorted by (index, extension) so WebDataset sees each key's files togethe
 fixed (mtime 0, uid/gid 0, empty owner names, mode 0644, USTAR), so the same samples always give
 the same bytes and the manifest's sha256 is reproducible. Readers trust nothing in a shard: every
 member's name, type and size is checked before its bytes are read, and nothing is unpickled.
+
+Shards are read by URL with webdataset's opener (``location.open_for_reading``: a local path,
+``pipe:``, ``http(s)://``, or an object store through fsspec); the sha256 is computed as the bytes
+stream in and checked before the archive is parsed, so a run over URLs reads exactly the bytes a
+run over local files reads, and a corrupt shard is reported by its URL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.location import Location, as_location, open_for_reading
 from pipeline.data.samples import IMAGE_EXTS, DataError, Sample
 
 # Bounds a member before its bytes are read: the largest ImageNet JPEG is ~15 MB.
@@ -319,7 +326,28 @@ def _collect_members(data: bytes, where: str, max_member_bytes: int) -> dict[str
     return by_key
 
 
-def read_shard(path: str | Path, *, expected_sha256: str | None = None,
+STREAM_CHUNK = 8 << 20  # bytes per read from the opener: large reads, few calls, hashed as they arrive
+
+
+def shard_bytes_from_url(path: Location, *, where: str, expected_sha256: str | None = None) -> bytes:
+    """The whole shard at ``path`` (a local path or a URL), read through webdataset's opener and
+    hashed as it streams; DataError naming ``where`` if it cannot be read (a missing object, a
+    dropped connection, a ``pipe:`` command that fails) or its sha256 differs from ``expected_sha256``."""
+    digest, parts = hashlib.sha256(), []
+    try:
+        with contextlib.closing(open_for_reading(path)) as stream:
+            while chunk := stream.read(STREAM_CHUNK):
+                digest.update(chunk)
+                parts.append(chunk)
+    except OSError as exc:  # also a pipe: command's non-zero exit status, raised when it is closed
+        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        raise DataError(f"{where}: sha256 {digest.hexdigest()} does not match the manifest's "
+                        f"{expected_sha256}: the shard is corrupt or was rewritten; {_RERUN}.")
+    return b"".join(parts)
+
+
+def read_shard(path: Location, *, expected_sha256: str | None = None,
                num_classes: int | None = None,
                max_member_bytes: int = MAX_MEMBER_BYTES) -> list[Sample]:
     """Read and validate one shard; return its samples sorted by index.
@@ -329,17 +357,9 @@ def read_shard(path: str | Path, *, expected_sha256: str | None = None,
     ``[0, num_classes)`` (when given), or indices that are not one contiguous range.
     ``Manifest.read_shard`` passes the manifest's sha256 and class count.
     """
-    path = Path(path)
+    path = as_location(path)
     where = f"shard {path}"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read: {exc}; {_RERUN}.") from exc
-    if expected_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected_sha256:
-            raise DataError(f"{where}: sha256 {actual} does not match the manifest's "
-                            f"{expected_sha256}: the shard is corrupt or was rewritten; {_RERUN}.")
+    data = shard_bytes_from_url(path, where=where, expected_sha256=expected_sha256)
     samples = []
     for key, files in _collect_members(data, where, max_member_bytes).items():
         images = [e for e in IMAGE_EXTS if e in files]
