@@ -4,4 +4,4 @@ Each module has a ``run(...) -> dict`` (the measurement, importable and tested) 
 (argparse: prints a table, writes ``bench/results/<name>-<device>.json``).
 """
 
-BENCHMARKS = ("student_step", "stage1", "cache_read", "scaling", "object_store")
+BENCHMARKS = ("student_step", "stage1", "cache_read", "scaling", "object_store", "loader", "precision", "decode")

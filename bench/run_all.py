@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import BENCHMARKS, cache_read, scaling, stage1, student_step
+from bench import BENCHMARKS, cache_read, decode, loader, object_store, precision, scaling, stage1, student_step
 from bench.common import RESULTS_DIR
 
 MAINS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "student_step": student_step.main, "stage1": stage1.main, "cache_read": cache_read.main,
-    "scaling": scaling.main}
+    "scaling": scaling.main, "object_store": object_store.main, "loader": loader.main,
+    "precision": precision.main, "decode": decode.main}
 
 # Extra arguments per (benchmark, device type); each module's own defaults cover the rest.
 FULL: dict[tuple[str, str], list[str]] = {
@@ -30,6 +31,14 @@ FULL: dict[tuple[str, str], list[str]] = {
                          "--batch", "1024", "--workers", "8"],
     ("cache_read", "cuda"): ["--samples", "8192"],
     ("scaling", "cuda"): ["--workers", "4"],
+    ("object_store", "cpu"): [], ("object_store", "cuda"): [],  # storage, not the device
+    ("loader", "cpu"): [], ("precision", "cpu"): [], ("decode", "cpu"): [],
+    # issue 20's GPU rows: epoch vs the student_step ceiling at 64/256/1024 (real CIFAR-10 JPEGs, which
+    # must be on the machine: ../shared/data/cifar10-images), teacher precision, batched nvJPEG
+    ("loader", "cuda"): ["--samples", "20000", "--shard-size", "1000", "--batch", "256",
+                         "--epoch-batches", "64,256,1024", "--workers", "8", "--rounds", "2"],
+    ("precision", "cuda"): ["--samples", "2000", "--batch", "1024"],
+    ("decode", "cuda"): ["--images", "623", "--batch", "256"],
 }
 QUICK: dict[str, list[str]] = {
     "student_step": ["--pairs", "digits,cifar", "--batch", "8", "--steps", "1", "--warmup", "1",
@@ -39,6 +48,10 @@ QUICK: dict[str, list[str]] = {
                    "--rounds", "1"],
     "scaling": ["--samples", "50,100", "--views", "1,2", "--rounds", "1", "--imagenet-codecs", "fp16,topk",
                 "--imagenet-samples", "512"],
+    "object_store": ["--samples", "100", "--views", "1", "--rounds", "1"],
+    "loader": ["--samples", "100", "--shard-size", "25", "--batch", "16", "--epoch-batches", "16", "--rounds", "1"],
+    "precision": ["--archs", "resnet20_a", "--samples", "16", "--views", "1", "--rounds", "1"],
+    "decode": ["--quick"],
 }
 
 
@@ -56,6 +69,17 @@ def headlines(name: str, payload: dict[str, Any]) -> list[str]:
         return [f"C={case['num_classes']} {r['codec']} shard {r['shard_size']}: read/consumption "
                 f"{r['read_over_consumption']:.1f} (target >= 20)" for case in payload["cases"]
                 for r in case["results"]]
+    if name == "loader":
+        r = payload["loader_ratios"]["raw_batch_over_jpg_sample"]["median"]
+        return [f"loader raw+batch / jpg+per-sample {r:.2f} per process (target >= 5)"] + [
+            f"epoch / step ceiling b{e['batch']} {e['epoch_over_step']['median']:.2f} (target >= 0.8 on a GPU)"
+            for e in payload["epoch_vs_step"]]
+    if name == "precision":
+        return [f"{r['arch']} {r['precision']}: KL1 max {r['kl_tau1_max']:.3g} (stated bound "
+                f"{r['stated_kl_tolerance']}), speed/fp32 {r['speed_over_fp32']['median']:.2f}"
+                for r in payload["results"]]
+    if name in ("decode", "object_store"):
+        return [f"{k}: {v['median']:.3g}" for k, v in payload["ratios"].items()]
     fit = payload["fits"]["stage1_s_vs_sample_views"]
     return [f"stage-1 seconds per sample-view (digits, this machine): {fit['slope']}"]
 

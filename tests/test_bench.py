@@ -229,3 +229,17 @@ def test_decode_writes_ratios_and_pixel_difference(tmp_path: Path, shared_data: 
     assert set(payload["images_per_s"]) == {a for pair in decode.PAIRS for a in pair}
     assert all(r["median"] > 0 for r in payload["ratios"].values())
     assert payload["pil_vs_device_pixels"]["max_abs"] <= 2  # the decode tolerance of test_device_decode
+
+
+def test_the_gpu_script_runs_issue_20s_benchmarks_quick_on_cpu(tmp_path: Path, shared_data: Path) -> None:
+    """`python -m bench.run_all --device cpu --quick` is the smoke run of the one GPU script: the loader
+    (JPEG vs raw, per-sample vs batch, epoch vs step) and precision benchmarks on real data."""
+    assert run_all.main(["--quick", "--only", "loader,precision", "--out-dir", str(tmp_path)]) == 0
+    loader = json.loads((tmp_path / "loader-cpu.json").read_text())
+    assert set(loader["loader_samples_per_s"]) == {"jpg/sample", "jpg/batch", "raw/sample", "raw/batch"}
+    assert all(r["median"] > 0 for r in loader["loader_samples_per_s"].values())
+    assert [e["batch"] for e in loader["epoch_vs_step"]] == [16] and loader["machine"]["cpu_count"]
+    precision = json.loads((tmp_path / "precision-cpu.json").read_text())
+    (row,) = precision["results"]
+    assert row["precision"] == "bf16" and 0 < row["kl_tau1_max"] < row["stated_kl_tolerance"]
+    assert row["top1_agreement"] > 0.9
