@@ -21,6 +21,9 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+# The real data (../shared/data beside the checkout); AEKT_SHARED_DATA points elsewhere, e.g. on a GPU
+# machine where the data was carried in (bench/device_session.sh bench20).
+SHARED_DATA = Path(os.environ.get("AEKT_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 # ---- device ------------------------------------------------------------------------------------

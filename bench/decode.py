@@ -29,6 +29,7 @@ import torch
 
 from bench.common import (
     REPO,
+    SHARED_DATA,
     base_parser,
     finish_cli,
     format_table,
@@ -50,9 +51,9 @@ PAIRS = (("pil", "device"), ("decode_pil", "decode_device"), ("augment_pil", "au
 
 def default_tar() -> Path:
     """The sample tar beside the checkout (``../shared``) or inside it (a device machine's copy)."""
-    for root in (REPO, REPO.parent):
-        if (root / SAMPLE_TAR).is_file():
-            return root / SAMPLE_TAR
+    for path in (SHARED_DATA / "imagenet-sample" / "val.tar", REPO / SAMPLE_TAR, REPO.parent / SAMPLE_TAR):
+        if path.is_file():
+            return path
     raise SystemExit(f"{SAMPLE_TAR} not found under {REPO} or {REPO.parent}; pass --tar PATH")
 
 

@@ -13,6 +13,12 @@
 #          .gpudata/resnet56-4bfd9763.th (the published weights, 3.4 MB); joins and checks train.tar
 #          like part2 and runs `experiments.cifar10_gpu --protocol r56` (imported resnet56 fine-tuned,
 #          10 views, 3 seeds x 5 methods) sized to BUDGET (default 480 s), killed at LIMIT.
+#   bench20 instead of part2, issue 20's GPU rows: carry .gpudata/train.part2, the published weights
+#          .gpudata/resnet{20,56}-*.th and .gpudata/imagenet-part.tar (the first ~150 JPEGs of
+#          imagenet-sample/val.tar); joins and checks train.tar, lays the data out as ../shared/data
+#          is (AEKT_SHARED_DATA) and runs `bench.run_all --device cuda` for loader (epoch vs the
+#          student_step ceiling at 64/256/1024, JPEG vs raw loader), stage1 (vs forward-only, real
+#          CIFAR-10), precision (bf16/fp16 KL vs fp32) and decode (nvJPEG), killed at LIMIT (480 s).
 #
 # Results come back through $OUT: the run's JSON, the rendered results page and a tarball of the
 # stage logs, metrics and per-epoch CSVs. AEKT_GIT_COMMIT / AEKT_GIT_CLEAN name the commit measured
@@ -48,6 +54,16 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'zarr'
     rc=$?
     tar czf "$OUT/run-logs.tgz" -C /tmp/run logs metrics plots
     exit $rc ;;
+  bench20)
+    cat /tmp/c10/train.part1 .gpudata/train.part2 > /tmp/c10/train.tar || exit 1
+    echo "${TRAIN_SHA:?}  /tmp/c10/train.tar" | sha256sum -c || exit 1
+    rm -f /tmp/c10/train.part1
+    mkdir -p /tmp/shared/cifar10-resnets /tmp/shared/imagenet-sample
+    ln -sfn /tmp/c10 /tmp/shared/cifar10-images
+    cp .gpudata/resnet*.th /tmp/shared/cifar10-resnets/ && cp .gpudata/imagenet-part.tar /tmp/shared/imagenet-sample/val.tar || exit 1
+    AEKT_SHARED_DATA=/tmp/shared timeout -s TERM "${LIMIT:-480}" python3 -m bench.run_all --device cuda \
+      --only loader,stage1,precision,decode --out-dir "$OUT"
+    exit $? ;;
   r56)
     cat /tmp/c10/train.part1 .gpudata/train.part2 > /tmp/c10/train.tar || exit 1
     echo "${TRAIN_SHA:?}  /tmp/c10/train.tar" | sha256sum -c || exit 1

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench.common import (
-    REPO,
+    SHARED_DATA,
     base_parser,
     csv_ints,
     finish_cli,
@@ -59,7 +59,7 @@ from pipeline.student import build_student
 from pipeline.train import TrainJob, train_epoch, train_step
 
 NAME = "loader"
-CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-images"
+CIFAR10 = SHARED_DATA / "cifar10-images"
 TARGETS = {"raw_batch_over_jpg_sample": 5.0, "epoch_over_step": 0.8,
            "applies_to": "loader ratio on CPU per worker; epoch/step on a GPU (issue 20)"}
 FORMATS = ("encoded", "raw")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.common import (
-    REPO,
+    SHARED_DATA,
     base_parser,
     csv_strs,
     finish_cli,
@@ -46,7 +46,7 @@ from pipeline.models.checkpoints import load_checkpoint, load_weights
 from pipeline.models.registry import model_normalization
 
 NAME = "precision"
-SHARED = REPO.parent / "shared" / "data"
+SHARED = SHARED_DATA
 WEIGHTS = {"resnet20_a": "resnet20-12fca82f.th", "resnet56_a": "resnet56-4bfd9763.th"}
 
 

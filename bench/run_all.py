@@ -27,7 +27,7 @@ FULL: dict[tuple[str, str], list[str]] = {
     ("student_step", "cpu"): [], ("stage1", "cpu"): [], ("cache_read", "cpu"): [],
     ("scaling", "cpu"): [],
     ("student_step", "cuda"): ["--pairs", "digits,cifar", "--rounds", "5"],
-    ("stage1", "cuda"): ["--dataset", "cifar-synthetic", "--samples", "20000", "--shard-size", "1024",
+    ("stage1", "cuda"): ["--dataset", "cifar10", "--samples", "20000", "--shard-size", "1000",
                          "--batch", "1024", "--workers", "8"],
     ("cache_read", "cuda"): ["--samples", "8192"],
     ("scaling", "cuda"): ["--workers", "4"],

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench.common import (
+    SHARED_DATA,
     base_parser,
     csv_strs,
     finish_cli,
@@ -54,7 +55,9 @@ from pipeline.models import build_model
 
 NAME = "stage1"
 TARGET = {"stage1_over_forward": 0.8}
-DATASETS = {"digits": ("digits_cnn", "digits"), "cifar-synthetic": ("resnet32x4", "cifar")}
+DATASETS = {"digits": ("digits_cnn", "digits"), "cifar-synthetic": ("resnet32x4", "cifar"),
+            "cifar10": ("resnet32x4", "cifar"), "cifar10-jpg": ("resnet32x4", "cifar")}
+CIFAR10 = SHARED_DATA / "cifar10-images"
 
 
 def write_synthetic_folder(root: Path, *, classes: int, per_class: int, size: int = 32,
@@ -83,6 +86,12 @@ def prepare_dataset(kind: str, workdir: Path, *, samples: int | None,
         per_class = max(1, -(-(samples or 1000) // 100))
         src = write_synthetic_folder(workdir / "src", classes=100, per_class=per_class)
         cfg = DataConfig(source="folder", root=str(src), name="cifar_synthetic", shard_size=shard_size)
+    elif kind in ("cifar10", "cifar10-jpg"):  # the real CIFAR-10 JPEGs: raw shards (the preset's) or JPEG
+        if not (CIFAR10 / "train.tar").is_file():
+            raise SystemExit(f"{CIFAR10}/train.tar not found: --dataset {kind} reads the real CIFAR-10 JPEGs.")
+        cfg = DataConfig(source="folder", root=str(CIFAR10), name=kind, shard_size=shard_size,
+                         max_per_class=max(1, -(-(samples or 1000) // 10)),
+                         format="raw" if kind == "cifar10" else "encoded")
     else:
         raise ValueError(f"unknown dataset {kind!r}; valid: {', '.join(DATASETS)}")
     shards, manifest_path = workdir / "shards", workdir / f"{cfg.name}.json"
