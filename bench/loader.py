@@ -16,7 +16,7 @@ logits. Side by side, in interleaved rounds:
 
 Usage::
 
-    python -m bench.loader                         # CPU: 2,000 images, loader + epoch at batch 64
+    python -m bench.loader                         # CPU: 4,000 images in 1,000-image shards (the preset's)
     python -m bench.loader --device cuda --samples 50000 --epoch-batches 64,256,1024 --workers 8
 """
 
@@ -151,7 +151,7 @@ def epoch_vs_step(paths: tuple[Manifest, Path, Path], store: Path, views: int, *
             "epoch_over_step": paired_ratio(rates["epoch"], rates["step"])}
 
 
-def run(*, device: str = "cpu", samples: int = 2000, shard_size: int = 250, batch: int = 64,
+def run(*, device: str = "cpu", samples: int = 4000, shard_size: int = 1000, batch: int = 64,
         epoch_batches: Sequence[int] = (64,), workers: int = 0, rounds: int = 3, precision: str | None = None,
         threads: int | None = None, profile: bool = False, workdir: Path | None = None) -> dict[str, Any]:
     dev, precision = prepare_run(device, threads, precision)
@@ -205,8 +205,8 @@ def table(p: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000, help="training images (max_per_class = samples/10)")
-    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--samples", type=int, default=4000, help="training images (max_per_class = samples/10)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="the CIFAR-10 preset's shard size")
     parser.add_argument("--batch", type=int, default=64, help="loader batch size")
     parser.add_argument("--epoch-batches", type=csv_ints, default=[64],
                         help="batch sizes of the epoch-vs-step comparison (empty: skip it)")
