@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from pipeline.errors import UserError
@@ -80,3 +82,43 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
     check_world(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1")),
                 accelerator.distributed_type)
     return accelerator
+
+
+def broadcast_object(value: Any, *, src: int, world: int) -> Any:
+    """``value`` as rank ``src`` holds it, on every rank (a collective: every rank calls it; the
+    others pass anything, e.g. None). Tensors in it should be on the CPU: unpickled, a CUDA tensor
+    lands on the sender's device index."""
+    if world == 1:
+        return value
+    payload = [value]
+    dist.broadcast_object_list(payload, src=src)
+    return payload[0]
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(v) for v in value]
+    return value
+
+
+def share_optimizer_state(optimizer: torch.optim.Optimizer, steps_done: int, *, rank: int, world: int) -> None:
+    """Give every rank the optimizer state of a rank that ran the most steps this epoch.
+
+    With uneven shards a rank that runs out joins early (DDP's ``Join``) and skips the remaining
+    optimizer steps; on leaving ``Join`` DDP copies the weights of the last joiner (the highest rank
+    among those that ran the most steps) to every rank, but not the optimizer state: the momentum
+    of an early joiner would lag from then on, ranks would update the same averaged gradients
+    differently, and a checkpoint (rank 0's state) would not be what every rank trained from. This
+    copies the optimizer state from the same rank DDP takes the weights from. A collective."""
+    if world == 1:
+        return
+    done = [0] * world
+    dist.all_gather_object(done, steps_done)
+    src = max(r for r, n in enumerate(done) if n == max(done))
+    state = broadcast_object(_on_cpu(optimizer.state_dict()) if rank == src else None, src=src, world=world)
+    if rank != src:
+        optimizer.load_state_dict(state)

@@ -76,6 +76,15 @@ def check_free_space(store_path: Path, prov: Provenance) -> None:
                          "augment.views or a smaller cache.codec (int8, topk).")
 
 
+def describe_shards(shards: list[int], limit: int = 16) -> str:
+    """``shards 1, 3, 5`` (the first ``limit`` and a count beyond): which shards a rank works on, so a
+    node's log says which shard files it reads (on a multi-node run, from the shared file system)."""
+    if not shards:
+        return "no shards"
+    shown = ", ".join(map(str, shards[:limit]))
+    return f"shards {shown}" + (f", … ({len(shards)} shards)" if len(shards) > limit else "")
+
+
 def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, store_path: Path,
                 cfg: CacheConfig, aug: AugmentConfig, rebuild: bool = False,
                 progress: bool = True) -> dict[str, Any]:
@@ -100,8 +109,8 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
         accelerator.wait_for_everyone()
         mine = split_items(items, accelerator.process_index, accelerator.num_processes)
         total = prov.views * prov.num_shards
-        log.info("rank %d: %d of %d (view, shard) items pending, %d mine", accelerator.process_index,
-                 len(items), total, len(mine))
+        log.info("rank %d: %d of %d (view, shard) items pending, %d mine (%s)", accelerator.process_index,
+                 len(items), total, len(mine), describe_shards(sorted({s for _, s in mine})))
         teacher.to(accelerator.device).eval()
         if accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -1,0 +1,216 @@
+"""Multi-node runs, on one machine: stage 1 and stage 2 launched as 2 nodes x 1 process.
+
+Each node is a separate launcher invocation (`torchrun --nnodes 2 --node_rank R` or `accelerate
+launch --num_machines 2 --machine_rank R`), started concurrently with its own working folder
+(params, manifest, teacher, outputs), HOME, TMPDIR and HF_HOME, as a real node would have; they
+share only what nodes share on a cluster: the shard folder and the store path (a shared file
+system). The world forms over gloo on 127.0.0.1. Every wait is bounded; on failure or timeout both
+nodes' whole process trees are killed, and no process of a launch may outlive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import cli_env, run
+from tests.test_distributed import free_port
+
+NODES = 2
+TIMEOUT_S = 180  # one launch of both nodes; a healthy one takes ~10 s here
+GRACE_S = 20  # how long the other node may take to notice that one node failed, before it is killed
+
+
+def student_args(shared: Path, *extra: str) -> list[str]:
+    return ["student", "--manifest", "manifest.json", "--shards-dir", str(shared / "shards"), "--teacher",
+            "teacher.safetensors", "--store", str(shared / "store.zarr"), "--out", "out/student.safetensors",
+            "--metrics", "out/metrics.json", "--history", "out/train.csv", "--checkpoints", "out/ckpt",
+            "--no-progress", *extra]
+
+
+def cache_args(shared: Path) -> list[str]:
+    return ["cache", "--manifest", "manifest.json", "--shards-dir", str(shared / "shards"), "--teacher",
+            "teacher.safetensors", "--store", str(shared / "store.zarr"), "--summary", "out/cache.json",
+            "--no-progress"]
+
+
+def node_folder(tiny_pipeline: Path, dest: Path) -> Path:
+    """What one node holds locally: the checkout's params and manifest, its copy of the teacher."""
+    dest.mkdir(parents=True)
+    for name in ("manifest.json", "teacher.safetensors", "teacher.json"):
+        shutil.copy2(tiny_pipeline / name, dest / name)
+    params = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
+    params["train"]["checkpoint_every"] = 1
+    (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return dest
+
+
+def cluster(tiny_pipeline: Path, root: Path, *, store: bool = False) -> tuple[Path, list[Path]]:
+    """(shared folder with the shards [and the 1-process store], one local folder per node)."""
+    shared = root / "shared"
+    shutil.copytree(tiny_pipeline / "shards", shared / "shards")
+    if store:
+        shutil.copytree(tiny_pipeline / "store.zarr", shared / "store.zarr")
+    return shared, [node_folder(tiny_pipeline, root / f"node{rank}") for rank in range(NODES)]
+
+
+def launcher(kind: str, rank: int, port: int) -> list[str]:
+    if kind == "torchrun":
+        return ["torchrun", "--nnodes", str(NODES), "--nproc_per_node", "1", "--node_rank", str(rank),
+                "--rdzv-backend", "static", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    # --multi_gpu is what starts torchrun's processes (gloo on CPU): docs/pipeline.md.
+    return ["accelerate", "launch", "--multi_gpu", "--num_machines", str(NODES), "--machine_rank", str(rank),
+            "--num_processes", str(NODES), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def node_env(node: Path) -> dict[str, str]:
+    return cli_env() | {"HOME": str(node), "TMPDIR": str(node), "HF_HOME": str(node / "hf"),
+                        "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process descending from it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we read
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            tree.add(child)
+            todo.append(child)
+    return tree
+
+
+def ours_alive(pid: int) -> bool:
+    """Whether ``pid`` is still one of this launch's processes (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"stages.cli" in cmdline
+
+
+def run_nodes(kind: str, nodes: list[Path], args: list[str], name: str) -> list[str]:
+    """Start one launcher per node at once, wait for both (bounded), return each node's stderr.
+    Fails, after killing both process trees, when a node fails or the launch times out."""
+    port, procs, seen = free_port(), [], set()
+    logs = [node / f"{name}.log" for node in nodes]
+    try:
+        for rank, node in enumerate(nodes):
+            with logs[rank].open("w") as log:  # the child keeps its own descriptor
+                procs.append(subprocess.Popen([*launcher(kind, rank, port), "-m", "stages.cli", *args], cwd=node,
+                                              env=node_env(node), stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            for p in procs:
+                seen |= process_tree(p.pid)
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: the other has GRACE_S to stop
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                for pid in process_tree(p.pid):  # torchrun starts its workers in sessions of their own
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    text = [log.read_text() for log in logs]
+    report = "\n".join(f"--- node {r}: exit {p.returncode}\n{t[-3000:]}"
+                       for r, (p, t) in enumerate(zip(procs, text, strict=True)))
+    assert all(p.returncode == 0 for p in procs), f"{kind} {args[0]} on {NODES} nodes failed:\n{report}"
+    deadline = time.monotonic() + 10
+    while (left := {pid for pid in seen if ours_alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes {sorted(left)} of the launch outlived it"
+    return text
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    student = load_file(str(out / "student.safetensors"))
+    return student | {f"head/{k}": v for k, v in load_file(str(out / "student-head.safetensors")).items()}
+
+
+def history(out: Path) -> list[dict[str, str]]:
+    """train.csv without its timing column (wall-clock speed differs run to run)."""
+    with (out / "train.csv").open() as f:
+        return [{k: v for k, v in row.items() if k != "img_per_s"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def two_process_student(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: `torchrun --nproc_per_node 2` on one node, same params. Its ``out`` folder."""
+    work = node_folder(tiny_pipeline, tmp_path_factory.mktemp("one-node") / "w")
+    shared = work.parent
+    shutil.copytree(tiny_pipeline / "shards", shared / "shards")
+    shutil.copytree(tiny_pipeline / "store.zarr", shared / "store.zarr")
+    run(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         "-m", "stages.cli", *student_args(shared)], work, timeout=TIMEOUT_S)
+    return work / "out"
+
+
+@pytest.mark.parametrize("kind", ["torchrun", "accelerate"])
+def test_two_nodes_write_the_one_process_store_and_train_the_one_node_student(
+        kind: str, tiny_pipeline: Path, two_process_student: Path, tmp_path: Path) -> None:
+    shared, nodes = cluster(tiny_pipeline, tmp_path)
+    logs = run_nodes(kind, nodes, cache_args(shared), "cache")
+    # Each node is its own global rank and takes whole shards s with s mod 2 == rank (7 shards, 2 views).
+    assert "rank 0: 14 of 14 (view, shard) items pending, 8 mine (shards 0, 2, 4, 6)" in logs[0], logs[0]
+    assert "rank 1: 14 of 14 (view, shard) items pending, 6 mine (shards 1, 3, 5)" in logs[1], logs[1]
+    assert "rank 1" not in logs[0] and "rank 0" not in logs[1]
+    # One store, byte for byte the 1-process one (every chunk, every done marker, the metadata); its
+    # lock beside it is the only other thing written to the shared folder.
+    assert sorted(p.name for p in shared.iterdir()) == ["shards", "store.zarr", "store.zarr.lock"]
+    assert file_digests(shared / "store.zarr") == file_digests(tiny_pipeline / "store.zarr")
+    assert (nodes[0] / "out" / "cache.json").is_file() and not (nodes[1] / "out").exists()
+
+    run_nodes(kind, nodes, student_args(shared), "student")
+    out = nodes[0] / "out"
+    assert [int(row["samples"]) for row in history(out)] == [200, 200, 200]  # every sample once per epoch
+    # The same two ranks on one node or on two: the same student, exactly, and the same history.
+    reference = weights(two_process_student)
+    got = weights(out)
+    assert got.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(got[key], value), key
+    assert history(out) == history(two_process_student)
+    # Only the main process writes outputs (metrics, checkpoints): node 1 has none.
+    assert not (nodes[1] / "out").exists()
+
+
+def test_a_two_node_run_resumes_from_the_checkpoints_on_the_main_node(
+        tiny_pipeline: Path, two_process_student: Path, tmp_path: Path) -> None:
+    """Checkpoints are written by the main process only, so they may live on node 0 alone: node 1
+    resumes from what rank 0 loaded (it used to look in its own, empty folder and stop with
+    "no checkpoint to resume from" while node 0 resumed)."""
+    shared, nodes = cluster(tiny_pipeline, tmp_path, store=True)
+    ckpt = nodes[0] / "out" / "ckpt"
+    shutil.copytree(two_process_student / "ckpt", ckpt)
+    shutil.rmtree(ckpt / "epoch-0003")  # as if both nodes had died during epoch 3
+    logs = run_nodes("torchrun", nodes, student_args(shared, "--resume"), "resume")
+    assert "resumed from out/ckpt/epoch-0002 (epoch 2)" in logs[0]
+    got, reference = weights(nodes[0] / "out"), weights(two_process_student)
+    for key, value in reference.items():
+        assert torch.equal(got[key], value), key
+    assert history(nodes[0] / "out") == history(two_process_student)
