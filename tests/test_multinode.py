@@ -10,14 +10,9 @@ nodes' whole process trees are killed, and no process of a launch may outlive it
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import cli_env, run
-from tests.test_distributed import free_port
+from bench.multinode import run_nodes
 
 NODES = 2
 TIMEOUT_S = 180  # one launch of both nodes; a healthy one takes ~10 s here
@@ -66,80 +60,12 @@ def cluster(tiny_pipeline: Path, root: Path, *, store: bool = False) -> tuple[Pa
     return shared, [node_folder(tiny_pipeline, root / f"node{rank}") for rank in range(NODES)]
 
 
-def launcher(kind: str, rank: int, port: int) -> list[str]:
-    if kind == "torchrun":
-        return ["torchrun", "--nnodes", str(NODES), "--nproc_per_node", "1", "--node_rank", str(rank),
-                "--rdzv-backend", "static", "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    # --multi_gpu is what starts torchrun's processes (gloo on CPU): docs/pipeline.md.
-    return ["accelerate", "launch", "--multi_gpu", "--num_machines", str(NODES), "--machine_rank", str(rank),
-            "--num_processes", str(NODES), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def node_env(node: Path) -> dict[str, str]:
-    return cli_env() | {"HOME": str(node), "TMPDIR": str(node), "HF_HOME": str(node / "hf"),
-                        "GLOO_SOCKET_IFNAME": "lo"}
-
-
-def process_tree(root: int) -> set[int]:
-    """``root`` and every process descending from it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we read
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = {root}, [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            tree.add(child)
-            todo.append(child)
-    return tree
-
-
-def ours_alive(pid: int) -> bool:
-    """Whether ``pid`` is still one of this launch's processes (not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"stages.cli" in cmdline
-
-
-def run_nodes(kind: str, nodes: list[Path], args: list[str], name: str) -> list[str]:
-    """Start one launcher per node at once, wait for both (bounded), return each node's stderr.
-    Fails, after killing both process trees, when a node fails or the launch times out."""
-    port, procs, seen = free_port(), [], set()
-    logs = [node / f"{name}.log" for node in nodes]
-    try:
-        for rank, node in enumerate(nodes):
-            with logs[rank].open("w") as log:  # the child keeps its own descriptor
-                procs.append(subprocess.Popen([*launcher(kind, rank, port), "-m", "stages.cli", *args], cwd=node,
-                                              env=node_env(node), stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            for p in procs:
-                seen |= process_tree(p.pid)
-            if any(p.poll() not in (None, 0) for p in procs):  # one failed: the other has GRACE_S to stop
-                deadline = min(deadline, time.monotonic() + GRACE_S)
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                for pid in process_tree(p.pid):  # torchrun starts its workers in sessions of their own
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            p.wait(timeout=30)
-    text = [log.read_text() for log in logs]
-    report = "\n".join(f"--- node {r}: exit {p.returncode}\n{t[-3000:]}"
-                       for r, (p, t) in enumerate(zip(procs, text, strict=True)))
-    assert all(p.returncode == 0 for p in procs), f"{kind} {args[0]} on {NODES} nodes failed:\n{report}"
-    deadline = time.monotonic() + 10
-    while (left := {pid for pid in seen if ours_alive(pid)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes {sorted(left)} of the launch outlived it"
-    return text
+def launch(kind: str, nodes: list[Path], args: list[str], name: str, per_node: int = 1) -> list[str]:
+    """Each node's log of a launch that must succeed and leave no process behind."""
+    done = run_nodes(kind, nodes, args, per_node=per_node, name=name, timeout=TIMEOUT_S, grace=GRACE_S)
+    assert all(rc == 0 for rc in done.returncodes), f"{kind} {args[0]} on {len(nodes)} node(s) failed:\n{done.report()}"
+    assert not done.leftover, f"processes {done.leftover} of the launch outlived it"
+    return done.logs
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -165,14 +91,13 @@ def two_process_student(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFa
     shared = work.parent
     shutil.copytree(tiny_pipeline / "shards", shared / "shards")
     shutil.copytree(tiny_pipeline / "store.zarr", shared / "store.zarr")
-    run(["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         "-m", "stages.cli", *student_args(shared)], work, timeout=TIMEOUT_S)
+    launch("torchrun", [work], student_args(shared), "student", per_node=2)
     return work / "out"
 
 
 def test_two_nodes_write_the_one_process_store(tiny_pipeline: Path, tmp_path: Path) -> None:
     shared, nodes = cluster(tiny_pipeline, tmp_path)
-    logs = run_nodes("torchrun", nodes, cache_args(shared), "cache")
+    logs = launch("torchrun", nodes, cache_args(shared), "cache")
     # Each node is its own global rank and takes whole shards s with s mod 2 == rank (7 shards, 2 views).
     assert "rank 0: 14 of 14 (view, shard) items pending, 8 mine (shards 0, 2, 4, 6)" in logs[0], logs[0]
     assert "rank 1: 14 of 14 (view, shard) items pending, 6 mine (shards 1, 3, 5)" in logs[1], logs[1]
@@ -190,7 +115,7 @@ def test_two_nodes_train_the_one_node_student(tiny_pipeline: Path, two_process_s
     Launched with `accelerate launch --num_machines 2` (the stage-1 test uses torchrun; each launcher
     was also run on the other stage, with the same results: kept to one launch per test for time)."""
     shared, nodes = cluster(tiny_pipeline, tmp_path, store=True)
-    run_nodes("accelerate", nodes, student_args(shared), "student")
+    launch("accelerate", nodes, student_args(shared), "student")
     out = nodes[0] / "out"
     assert [int(row["samples"]) for row in history(out)] == [200, 200, 200]  # every sample once per epoch
     reference, got = weights(two_process_student), weights(out)
@@ -211,7 +136,7 @@ def test_a_two_node_run_resumes_from_the_checkpoints_on_the_main_node(
     ckpt = nodes[0] / "out" / "ckpt"
     shutil.copytree(two_process_student / "ckpt", ckpt)
     shutil.rmtree(ckpt / "epoch-0003")  # as if both nodes had died during epoch 3
-    logs = run_nodes("torchrun", nodes, student_args(shared, "--resume"), "resume")
+    logs = launch("torchrun", nodes, student_args(shared, "--resume"), "resume")
     assert "resumed from out/ckpt/epoch-0002 (epoch 2)" in logs[0]
     got, reference = weights(nodes[0] / "out"), weights(two_process_student)
     for key, value in reference.items():
