@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,3 +123,36 @@ def share_optimizer_state(optimizer: torch.optim.Optimizer, steps_done: int, *, 
     state = broadcast_object(_on_cpu(optimizer.state_dict()) if rank == src else None, src=src, world=world)
     if rank != src:
         optimizer.load_state_dict(state)
+
+
+def input_mismatches(per_rank: list[tuple[str, Mapping[str, str]]]) -> list[str]:
+    """For every input whose value differs between ranks, one line naming which ranks (and hosts)
+    hold which value; ``per_rank[r]`` is rank r's (host, {input name: value})."""
+    lines = []
+    for name in sorted({k for _, inputs in per_rank for k in inputs}):
+        holders: dict[str, list[str]] = {}
+        for rank, (host, inputs) in enumerate(per_rank):
+            holders.setdefault(inputs.get(name, "(missing)"), []).append(f"{rank} ({host})")
+        if len(holders) > 1:
+            shown = [f"{value[:24] + '…' if len(value) > 25 else value} on rank {', '.join(ranks)}"
+                     for value, ranks in holders.items()]
+            lines.append(f"{name}: " + "; ".join(shown))
+    return lines
+
+
+def check_same_inputs(inputs: Mapping[str, str], *, world: int) -> None:
+    """Raise LaunchError on every rank unless all ranks computed the same ``inputs`` (name -> value).
+
+    On one machine every process reads the same params.yaml, manifest and teacher; on several
+    nodes each reads its own copy, and a stale one would silently mix two configurations into one
+    store or one training run. A collective: every rank calls it."""
+    if world == 1:
+        return
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, (socket.gethostname(), dict(inputs)))
+    differ = input_mismatches(per_rank)
+    if differ:
+        raise LaunchError(
+            "the processes do not run from the same inputs — " + " | ".join(differ) + ". Each node reads "
+            "its own params.yaml, manifest and teacher: give every node the same ones (check out the same "
+            "commit, `dvc pull` the same outputs), then relaunch.")

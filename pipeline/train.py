@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from pipeline import augment
 from pipeline.config import ConfigError, LossConfig, ScheduleConfig
 from pipeline.data import Manifest
-from pipeline.distributed import make_accelerator, share_optimizer_state
+from pipeline.distributed import check_same_inputs, make_accelerator, share_optimizer_state
 from pipeline.heads import DistillStudent, build_param_groups
 from pipeline.live import LiveLog, StepSeries, all_ranks, gather_sums, merge_points
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, loss_warmup
@@ -65,6 +65,7 @@ class TrainJob:
     checkpoint_every: int = 0
     resume: bool = False
     fingerprint: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> digest; every rank must agree
     progress: bool = True
     desc: str = "train"
     compile_loss: bool = False  # train.compile_loss
@@ -270,6 +271,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     accelerator = make_accelerator(cpu=not torch.cuda.is_available(),
                                    mixed_precision=sched.mixed_precision,
                                    gradient_accumulation_steps=sched.grad_accum)
+    check_same_inputs(job.inputs, world=accelerator.num_processes)
     groups = build_param_groups(job.model, lr=sched.lr, weight_decay=sched.weight_decay,
                                 head_lr_scale=job.loss.head_lr_scale,
                                 no_decay_norm_bias=sched.no_decay_norm_bias)

@@ -109,6 +109,24 @@ def test_two_nodes_write_the_one_process_store(tiny_pipeline: Path, tmp_path: Pa
     assert (nodes[0] / "out" / "cache.json").is_file() and not (nodes[1] / "out").exists()
 
 
+def test_nodes_with_different_params_are_refused_before_any_row(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """Each node reads its own params.yaml: a stale copy on node 1 used to write its half of the
+    store with other augmentation parameters under node 0's provenance. Now every rank stops, with
+    the same message, before the store exists."""
+    shared, nodes = cluster(tiny_pipeline, tmp_path)
+    params = yaml.safe_load((nodes[1] / "params.yaml").read_text())
+    params["augment"]["seed"] = 1
+    (nodes[1] / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run_nodes("torchrun", nodes, cache_args(shared), name="cache", timeout=TIMEOUT_S, grace=GRACE_S)
+    assert done.returncodes != [0, 0] and not done.leftover
+    for log in done.logs:
+        errors = [line for line in log.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1, log[-3000:]
+        assert "the processes do not run from the same inputs — augment_seed: 0 on rank 0 (" in errors[0]
+        assert "; 1 on rank 1 (" in errors[0] and "give every node the same ones" in errors[0]
+    assert sorted(p.name for p in shared.iterdir()) == ["shards"]
+
+
 def test_two_nodes_train_the_one_node_student(tiny_pipeline: Path, two_process_student: Path,
                                               tmp_path: Path) -> None:
     """The same two ranks on one node or on two: the same student, exactly, and the same history.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from pipeline.cache.writer import (
 )
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
-from pipeline.distributed import make_accelerator
+from pipeline.distributed import check_same_inputs, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def build_cache(*, manifest_path: Path, shards_dir: Path, teacher_path: Path, st
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
     prov = expected_provenance(manifest, card, cfg, aug)
+    check_same_inputs({name: json.dumps(value, sort_keys=True) for name, value in asdict(prov).items()},
+                      world=accelerator.num_processes)  # one store from one set of inputs, on every node
     check_free_space(Path(store_path), prov)  # before the lock, the teacher on the device, any row
     source = ShardSource(manifest, Path(shards_dir))
     main = accelerator.is_main_process
