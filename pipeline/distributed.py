@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 from pipeline.errors import UserError
@@ -80,3 +83,76 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
     check_world(accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1")),
                 accelerator.distributed_type)
     return accelerator
+
+
+def broadcast_object(value: Any, *, src: int, world: int) -> Any:
+    """``value`` as rank ``src`` holds it, on every rank (a collective: every rank calls it; the
+    others pass anything, e.g. None). Tensors in it should be on the CPU: unpickled, a CUDA tensor
+    lands on the sender's device index."""
+    if world == 1:
+        return value
+    payload = [value]
+    dist.broadcast_object_list(payload, src=src)
+    return payload[0]
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(v) for v in value]
+    return value
+
+
+def share_optimizer_state(optimizer: torch.optim.Optimizer, steps_done: int, *, rank: int, world: int) -> None:
+    """Give every rank the optimizer state of a rank that ran the most steps this epoch.
+
+    With uneven shards a rank that runs out joins early (DDP's ``Join``) and skips the remaining
+    optimizer steps; on leaving ``Join`` DDP copies the weights of the last joiner (the highest rank
+    among those that ran the most steps) to every rank, but not the optimizer state: the momentum
+    of an early joiner would lag from then on, ranks would update the same averaged gradients
+    differently, and a checkpoint (rank 0's state) would not be what every rank trained from. This
+    copies the optimizer state from the same rank DDP takes the weights from. A collective."""
+    if world == 1:
+        return
+    done = [0] * world
+    dist.all_gather_object(done, steps_done)
+    src = max(r for r, n in enumerate(done) if n == max(done))
+    state = broadcast_object(_on_cpu(optimizer.state_dict()) if rank == src else None, src=src, world=world)
+    if rank != src:
+        optimizer.load_state_dict(state)
+
+
+def input_mismatches(per_rank: list[tuple[str, Mapping[str, str]]]) -> list[str]:
+    """For every input whose value differs between ranks, one line naming which ranks (and hosts)
+    hold which value; ``per_rank[r]`` is rank r's (host, {input name: value})."""
+    lines = []
+    for name in sorted({k for _, inputs in per_rank for k in inputs}):
+        holders: dict[str, list[str]] = {}
+        for rank, (host, inputs) in enumerate(per_rank):
+            holders.setdefault(inputs.get(name, "(missing)"), []).append(f"{rank} ({host})")
+        if len(holders) > 1:
+            shown = [f"{value[:24] + '…' if len(value) > 25 else value} on rank {', '.join(ranks)}"
+                     for value, ranks in holders.items()]
+            lines.append(f"{name}: " + "; ".join(shown))
+    return lines
+
+
+def check_same_inputs(inputs: Mapping[str, str], *, world: int) -> None:
+    """Raise LaunchError on every rank unless all ranks computed the same ``inputs`` (name -> value).
+
+    On one machine every process reads the same params.yaml, manifest and teacher; on several
+    nodes each reads its own copy, and a stale one would silently mix two configurations into one
+    store or one training run. A collective: every rank calls it."""
+    if world == 1:
+        return
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, (socket.gethostname(), dict(inputs)))
+    differ = input_mismatches(per_rank)
+    if differ:
+        raise LaunchError(
+            "the processes do not run from the same inputs — " + " | ".join(differ) + ". Each node reads "
+            "its own params.yaml, manifest and teacher: give every node the same ones (check out the same "
+            "commit, `dvc pull` the same outputs), then relaunch.")

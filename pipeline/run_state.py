@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.artifacts import save_tensors, sha256_file, write_json_atomic
+from pipeline.distributed import broadcast_object
 from pipeline.errors import UserError
 from pipeline.outputs import with_path
 
@@ -125,3 +126,30 @@ def load_checkpoint(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.
         log.info("resumed from %s (epoch %d)", path, state["epoch"])
         return state
     raise ResumeError(f"{ckpt_dir}: every checkpoint is damaged; run without --resume to start over.")
+
+
+def resume_from_main(ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     fingerprint: str, main: bool, world: int) -> dict[str, Any]:
+    """``load_checkpoint`` on the main process, its result sent to every rank.
+
+    Only the main process writes checkpoints, so on a multi-node run ``ckpt_dir`` may exist on its
+    node alone: every other rank gets the weights, optimizer state and state.json (or the same
+    ResumeError) from the main process, never from its own node's folder, which may be missing or
+    hold another run's older checkpoint. A collective: every rank of the world must call it.
+    """
+    payload: dict[str, Any] = {}
+    if main:
+        try:
+            state = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, fingerprint=fingerprint)
+            payload = {"state": state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        except ResumeError as err:
+            payload = {"error": str(err)}
+            if world == 1:
+                raise
+    sent = broadcast_object(payload, src=0, world=world)
+    if "error" in sent:
+        raise ResumeError(sent["error"] if main else f"the main process (rank 0) could not resume: {sent['error']}")
+    if not main:
+        model.load_state_dict(sent["model"])
+        optimizer.load_state_dict(sent["optimizer"])
+    return sent["state"]

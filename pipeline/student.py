@@ -65,6 +65,13 @@ def check_store(paths: StudentPaths, manifest: Manifest, cache: CacheConfig, aug
     return store
 
 
+def teacher_sha256(store: LogitStore | None, online_card: dict[str, Any] | None) -> str | None:
+    """The teacher this run distils from: the online one's, or the one the store was built from."""
+    if online_card is not None:
+        return online_card["sha256"]
+    return store.provenance.teacher_sha256 if store is not None else None
+
+
 def build_student(arch: str, manifest: Manifest, loss: LossConfig, seed: int) -> DistillStudent:
     torch.manual_seed(seed)
     backbone = build_model(arch, num_classes=manifest.num_classes, in_channels=manifest.channels)
@@ -139,6 +146,8 @@ def train_student(paths: StudentPaths, *, student: StudentConfig, loss: LossConf
         teacher_norm=None if teacher_card is None else Normalization.from_card(teacher_card),
         ckpt_dir=paths.ckpt_dir, checkpoint_every=train.checkpoint_every, resume=resume,
         fingerprint=fingerprint(student, loss, train, cache, aug, manifest.sha256), progress=progress,
+        inputs={**{f"params.yaml {cfg.SECTION}": fingerprint(cfg) for cfg in (student, loss, train, cache, aug)},
+                "manifest sha256": manifest.sha256, "teacher sha256": str(teacher_sha256(store, teacher_card))},
         desc=f"student[{loss.name}]", compile_loss=train.compile_loss, live_dir=paths.live)
     start = time.perf_counter()
     model, history = fit(job)

@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader
 from pipeline import augment
 from pipeline.config import ConfigError, LossConfig, ScheduleConfig
 from pipeline.data import Manifest
-from pipeline.distributed import make_accelerator
+from pipeline.distributed import check_same_inputs, make_accelerator, share_optimizer_state
 from pipeline.heads import DistillStudent, build_param_groups
-from pipeline.live import LiveLog, StepSeries, gather_sums, merge_points
+from pipeline.live import LiveLog, StepSeries, all_ranks, gather_sums, merge_points
 from pipeline.losses import TermsFn, compiled_loss_terms, compute_loss, describe_loss, loss_warmup
 from pipeline.progress import Progress, RunClock, format_eta
-from pipeline.run_state import load_checkpoint, save_checkpoint
+from pipeline.run_state import resume_from_main, save_checkpoint
 from pipeline.stream import ShardStream, StreamSpec, batch_images
 from pipeline.train_checks import check_finite, check_finite_weights, probe_term_grads
 
@@ -65,6 +65,7 @@ class TrainJob:
     checkpoint_every: int = 0
     resume: bool = False
     fingerprint: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> digest; every rank must agree
     progress: bool = True
     desc: str = "train"
     compile_loss: bool = False  # train.compile_loss
@@ -144,14 +145,17 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
                 stream: ShardStream, epoch: int, clock: RunClock | None = None) -> dict[str, float]:
     stream.set_epoch(epoch)
     sched, recipe = job.sched, job.train.recipe
+    world = accelerator.num_processes
     n_local = stream.num_samples()
-    steps = max(1, math.ceil(n_local / sched.batch_size))
+    # One schedule for all ranks: the most steps any rank takes (shards are uneven), so every rank
+    # applies the same lr to the same all-reduced gradient at each step.
+    steps = max(1, *(math.ceil(n / sched.batch_size) for n in all_ranks(n_local, world)))
     warm = loss_warmup(job.loss, epoch)  # epochs count from 1: lambda(1) = 1 / warmup_epochs
     term_sums: dict[str, torch.Tensor] = {}
     grad_sums: dict[str, torch.Tensor] = {}
     stat_sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no per-step host sync
     series = StepSeries.for_epoch(steps)
-    seen, probes, start, world = 0, 0, time.perf_counter(), accelerator.num_processes
+    seen, probes, start, step = 0, 0, time.perf_counter(), -1
     loader = build_loader(stream, sched.batch_size, sched.workers, accelerator.device.type == "cuda")
     # Ranks may hold different sample counts (whole shards per rank): DDP's Join lets a rank that
     # ran out shadow the others' gradient all-reduces instead of hanging (Accelerate's
@@ -183,6 +187,7 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
             if step % NAN_CHECK_EVERY == 0:
                 check_finite(term_sums, epoch, step, sched.SECTION or "train")
     check_finite(term_sums, epoch, step, sched.SECTION or "train")
+    share_optimizer_state(optimizer, step + 1, rank=accelerator.process_index, world=world)
     live_point(job, series, epoch * steps, term_sums, seen, optimizer, world)
     if world > 1:
         job.live.points(series.merged(world))
@@ -265,6 +270,7 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     accelerator = make_accelerator(cpu=not torch.cuda.is_available(),
                                    mixed_precision=sched.mixed_precision,
                                    gradient_accumulation_steps=sched.grad_accum)
+    check_same_inputs(job.inputs, world=accelerator.num_processes)
     groups = build_param_groups(job.model, lr=sched.lr, weight_decay=sched.weight_decay,
                                 head_lr_scale=job.loss.head_lr_scale,
                                 no_decay_norm_bias=sched.no_decay_norm_bias)
@@ -272,8 +278,8 @@ def fit(job: TrainJob) -> tuple[DistillStudent, list[dict[str, Any]]]:
     start = 1
     if job.resume:
         assert job.ckpt_dir is not None
-        state = load_checkpoint(job.ckpt_dir, model=job.model, optimizer=optimizer,
-                                fingerprint=job.fingerprint)
+        state = resume_from_main(job.ckpt_dir, model=job.model, optimizer=optimizer, fingerprint=job.fingerprint,
+                                 main=accelerator.is_main_process, world=accelerator.num_processes)
         start, job.history = state["epoch"] + 1, state["history"]
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels

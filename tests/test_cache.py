@@ -15,7 +15,7 @@ from pipeline.artifacts import read_card
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
 from pipeline.cache.verify import verify_cache
-from pipeline.cache.writer import open_or_create, pending_items
+from pipeline.cache.writer import open_or_create, pending_items, split_items, worker_items
 from pipeline.config import load_params, section
 from pipeline.data import Manifest
 from tests.conftest import free_port, run
@@ -108,6 +108,20 @@ def test_two_processes_write_the_same_store_as_one(tiny_any: Path, tmp_path: Pat
     expected, got = store_arrays(tiny_any / "store.zarr"), store_arrays(work / "store.zarr")
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 2), (16, 8), (3, 2), (1, 4)])
+def test_every_decode_worker_of_every_rank_gets_whole_shards(world: int, workers: int) -> None:
+    """A rank's shards all have s mod world = rank: split by shard index again, workers sharing a
+    factor with the world size got nothing (with 2 ranks and cache.workers 2, one decoder per rank)."""
+    items = [(v, s) for v in range(2) for s in range(world * workers * 3)]
+    for rank in range(world):
+        mine = split_items(items, rank, world)
+        parts = [worker_items(mine, w, workers) for w in range(workers)]
+        assert sorted(item for part in parts for item in part) == sorted(mine)
+        shard_sets = [{s for _, s in part} for part in parts]
+        assert all(len(shards) == 3 for shards in shard_sets)  # an equal share of whole shards each
+        assert len(set().union(*shard_sets)) == 3 * workers
 
 
 def test_stage1_and_verify_normalise_for_the_teacher_its_card_names(tiny_pipeline: Path, tmp_path: Path) -> None:

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.distributed import LaunchError, check_single_launch, check_world, make_accelerator, requested_processes
+from pipeline.distributed import (
+    LaunchError,
+    check_single_launch,
+    check_world,
+    input_mismatches,
+    make_accelerator,
+    requested_processes,
+)
 from tests.conftest import cli_env
 from tests.test_cache import store_arrays
 
@@ -29,6 +36,14 @@ def test_a_world_mismatch_is_refused_with_the_launch_command() -> None:
     with pytest.raises(LaunchError, match="torchrun --nproc_per_node N"):
         check_world(1, 2, "NO")
     check_world(2, 2, "MULTI_CPU")
+
+
+def test_inputs_that_differ_between_ranks_are_named_with_their_ranks_and_hosts() -> None:
+    same = {"teacher_sha256": "ab" * 32, "views": "8"}
+    assert input_mismatches([("a", same), ("b", dict(same))]) == []
+    lines = input_mismatches([("a", same), ("b", same | {"views": "4"}), ("c", {"views": "8"})])
+    assert lines == [f"teacher_sha256: {'ab' * 12}… on rank 0 (a), 1 (b); (missing) on rank 2 (c)",
+                     "views: 8 on rank 0 (a), 2 (c); 4 on rank 1 (b)"]
 
 
 def test_a_single_process_run_passes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -172,3 +172,73 @@ def test_trainer_passes_one_based_epochs_to_the_warmup(tiny_pipeline: Path, tmp_
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     run([sys.executable, "-m", "stages.cli", *STUDENT], work)
     assert [float(r["stat_warmup"]) for r in history(work / "train.csv")] == expected
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records, after every step, the lr it used and the weights it left."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.records: list[tuple[float, torch.Tensor]] = []
+
+    def step(self, closure: object = None) -> object:
+        out = super().step(closure)
+        flat = torch.cat([p.detach().flatten() for g in self.param_groups for p in g["params"]]).clone()
+        self.records.append((self.param_groups[0]["lr"], flat))
+        return out
+
+
+def _lockstep_rank(rank: int, world: int, port: int, root: str, out: str) -> None:
+    """One rank of a 2-rank gloo world training 2 epochs of the tiny student through train_epoch."""
+    import os
+
+    from pipeline.config import LossConfig, TrainConfig
+    from pipeline.distributed import make_accelerator
+    from pipeline.heads import build_param_groups
+    from pipeline.train import TrainJob, train_epoch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    accelerator = make_accelerator(cpu=True)
+    base = Path(root)
+    loss = LossConfig(name="aekt", warmup_epochs=1)
+    spec = StreamSpec(manifest_path=base / "manifest.json", shards_dir=base / "shards", split="train",
+                      recipe="digits", image_size=8, aug_seed=0, views=2, store_path=base / "store.zarr",
+                      batch_augment=True)
+    model = build_student("digits_mlp", Manifest.load(spec.manifest_path), loss, 0)
+    sched = TrainConfig.from_params({"epochs": 2, "batch_size": 32, "lr": 0.05, "lr_warmup_epochs": 1})
+    optimizer = RecordingSGD(build_param_groups(model, lr=sched.lr, weight_decay=5e-4, head_lr_scale=0.01,
+                                                no_decay_norm_bias=False), lr=sched.lr, momentum=0.9)
+    wrapped, opt = accelerator.prepare(model, optimizer)
+    job = TrainJob(model=model, sched=sched, loss=loss, train=spec, test=spec, progress=False)
+    stream = ShardStream(spec, rank=rank, world=world)
+    epochs = []
+    for epoch in (1, 2):
+        start = len(optimizer.records)
+        train_epoch(job, accelerator, wrapped, opt, stream, epoch)
+        epochs.append({"steps": optimizer.records[start:], "momentum": [
+            optimizer.state[p]["momentum_buffer"].clone() for g in optimizer.param_groups for p in g["params"]]})
+    torch.save(epochs, Path(out) / f"rank{rank}.pt")
+
+
+def test_uneven_ranks_step_in_lockstep_and_agree_after_every_epoch(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """7 shards on 2 ranks: rank 0 runs 4 steps per epoch, rank 1 runs 3 and joins early. While both
+    run they apply the same lr to the same all-reduced gradient, so their weights stay equal step by
+    step (the schedule used to count each rank's own steps); after each epoch the early joiner
+    also has the momentum of the rank that ran every step (it used to keep its own, lagging one),
+    so the ranks start the next epoch equal and a checkpoint (rank 0's) is every rank's state."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    mp.spawn(_lockstep_rank, args=(2, free_port(), str(tiny_pipeline), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for epoch, (mine, theirs) in enumerate(zip(*ranks, strict=True), start=1):
+        assert len(mine["steps"]) != len(theirs["steps"]), "the shards should split unevenly"
+        common = zip(mine["steps"], theirs["steps"], strict=False)  # the steps both ranks ran
+        for step, ((lr0, w0), (lr1, w1)) in enumerate(common, start=1):
+            assert lr0 == lr1, f"epoch {epoch} step {step}: lr {lr0} on rank 0, {lr1} on rank 1"
+            assert torch.equal(w0, w1), f"epoch {epoch} step {step}: the ranks' weights differ"
+        for m0, m1 in zip(mine["momentum"], theirs["momentum"], strict=True):
+            assert torch.equal(m0, m1), f"after epoch {epoch}: the ranks' momentum differs"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
 from pipeline.data.location import Location, as_location, is_object_store
 from pipeline.device_decode import pixel_source
-from pipeline.distributed import make_accelerator
+from pipeline.distributed import check_same_inputs, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,15 @@ def check_free_space(store_path: Location, prov: Provenance) -> None:
                          "augment.views or a smaller cache.codec (int8, topk).")
 
 
+def describe_shards(shards: list[int], limit: int = 16) -> str:
+    """``shards 1, 3, 5`` (the first ``limit`` and a count beyond): which shards a rank works on, so a
+    node's log says which shard files it reads (on a multi-node run, from the shared file system)."""
+    if not shards:
+        return "no shards"
+    shown = ", ".join(map(str, shards[:limit]))
+    return f"shards {shown}" + (f", … ({len(shards)} shards)" if len(shards) > limit else "")
+
+
 def build_cache(*, manifest_path: Path, shards_dir: Location, teacher_path: Path, store_path: Location,
                 cfg: CacheConfig, aug: AugmentConfig, rebuild: bool = False,
                 progress: bool = True) -> dict[str, Any]:
@@ -103,6 +114,8 @@ def build_cache(*, manifest_path: Path, shards_dir: Location, teacher_path: Path
     manifest = Manifest.load(manifest_path)
     teacher, card = load_model(teacher_path)
     prov = expected_provenance(manifest, card, cfg, aug, accelerator.device.type)
+    check_same_inputs({name: json.dumps(value, sort_keys=True) for name, value in asdict(prov).items()},
+                      world=accelerator.num_processes)  # one store from one set of inputs, on every node
     check_free_space(store_path, prov)  # before the lock, the teacher on the device, any row
     source = ShardSource(manifest, as_location(shards_dir))
     main = accelerator.is_main_process
@@ -118,8 +131,8 @@ def build_cache(*, manifest_path: Path, shards_dir: Location, teacher_path: Path
         accelerator.wait_for_everyone()
         mine = split_items(items, accelerator.process_index, accelerator.num_processes)
         total = prov.views * prov.num_shards
-        log.info("rank %d: %d of %d (view, shard) items pending, %d mine", accelerator.process_index,
-                 len(items), total, len(mine))
+        log.info("rank %d: %d of %d (view, shard) items pending, %d mine (%s)", accelerator.process_index,
+                 len(items), total, len(mine), describe_shards(sorted({s for _, s in mine})))
         teacher.to(accelerator.device).eval()
         if accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

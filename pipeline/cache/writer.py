@@ -78,6 +78,15 @@ def split_items(items: list[tuple[int, int]], part: int, parts: int) -> list[tup
     return [(v, s) for v, s in items if s % parts == part]
 
 
+def worker_items(items: list[tuple[int, int]], worker: int, num_workers: int) -> list[tuple[int, int]]:
+    """A DataLoader worker's share of one rank's items: whole shards, dealt out by their position
+    among the rank's shards. (Not by shard index: a rank's shards all have s mod world = rank, so
+    ``s mod num_workers`` left workers idle whenever the two counts share a factor — 1 busy
+    decoder of 8 with 16 ranks.)"""
+    shards = set(sorted({s for _, s in items})[worker::num_workers])
+    return [(v, s) for v, s in items if s in shards]
+
+
 class _ViewItems(IterableDataset):
     """Decode each shard once, then augment it for each pending view; split across DataLoader workers."""
 
@@ -86,7 +95,7 @@ class _ViewItems(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        mine = self.items if info is None else split_items(self.items, info.id, info.num_workers)
+        mine = self.items if info is None else worker_items(self.items, info.id, info.num_workers)
         views_of: dict[int, list[int]] = {}
         for view, shard in mine:
             views_of.setdefault(shard, []).append(view)
