@@ -94,14 +94,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(flags: list[str], args: list[str], work: Path) -> subprocess.CompletedProcess:
+def start_launch(flags: list[str], args: list[str], work: Path) -> subprocess.Popen:
     """`accelerate launch FLAGS --num_processes 2 -m stages.cli ARGS` on 127.0.0.1, with no accelerate
     config file (HF_HOME is private), so only the flags decide what it starts."""
     cmd = ["accelerate", "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port",
            str(free_port()), "-m", "stages.cli", *args]
-    return subprocess.run(cmd, cwd=work, env=cli_env() | {"HF_HOME": str(work / "hf")}, capture_output=True,
-                          text=True, timeout=240)
+    return subprocess.Popen(cmd, cwd=work, env=cli_env() | {"HF_HOME": str(work / "hf")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch(flags: list[str], args: list[str], work: Path) -> subprocess.CompletedProcess:
+    return finish(start_launch(flags, args, work))
 
 
 def workspace(tiny_pipeline: Path, dest: Path) -> Path:
@@ -126,13 +138,29 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_two_gloo_ranks(tiny_pipeline: P
         np.testing.assert_array_equal(got[name], values, err_msg=name)
 
 
-@pytest.mark.parametrize(("flags", "args", "output"), [([], STUDENT, "out"), (["--cpu"], CACHE, "new.zarr")],
-                         ids=["student", "cache-with-cpu"])
-def test_accelerate_launch_without_multi_gpu_is_refused(tiny_pipeline: Path, tmp_path: Path, flags: list[str],
-                                                        args: list[str], output: str) -> None:
+REFUSED = {"student": ([], STUDENT, "out"), "cache-with-cpu": (["--cpu"], CACHE, "new.zarr")}
+
+
+@pytest.fixture(scope="module")
+def refused_launches(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both launches below, started at once: each is one process that imports torch and exits, so on
+    2 cores they overlap instead of queueing (each has its own workspace and port)."""
+    started = {}
+    for name, (flags, args, _) in REFUSED.items():
+        work = workspace(tiny_pipeline, tmp_path_factory.mktemp(f"refused-{name}") / "w")
+        started[name] = (work, start_launch(flags, args, work))
+    try:
+        return {name: (work, finish(proc)) for name, (work, proc) in started.items()}
+    finally:
+        for _, proc in started.values():
+            proc.kill()
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_accelerate_launch_without_multi_gpu_is_refused(refused_launches: dict, name: str) -> None:
     """Without --multi_gpu (or with --cpu) accelerate launch starts one process; it used to train alone."""
-    work = workspace(tiny_pipeline, tmp_path / "w")
-    proc = launch(flags, args, work)
+    _, args, output = REFUSED[name]
+    work, proc = refused_launches[name]
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]

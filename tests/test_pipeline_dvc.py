@@ -44,10 +44,19 @@ def ran_stages(log: str) -> set[str]:
     return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
 
 
+# What the first `dvc repro` left, read before later tests change the workspace (the KD run below
+# replaces the student's outputs): `dvc status` and `dvc plots show --json` right after it, and the
+# default (AEKT) student's metrics.
+_REPRO: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     run(["dvc", "repro"], repo, timeout=900)
+    _REPRO["status"] = run(["dvc", "status"], repo).stdout
+    _REPRO["student"] = (repo / "metrics/student.json").read_text()
+    _REPRO["plots"] = run(["dvc", "plots", "show", "--json"], repo).stdout
     return repo
 
 
@@ -61,7 +70,7 @@ def test_dvc_repro_runs_the_whole_pipeline(reproduced: Path) -> None:
     assert teacher["test_top1"] >= 0.97
     evaluation = json.loads((reproduced / "metrics/eval.json").read_text())
     assert evaluation["top1"] > 0.8  # chance is 0.1
-    assert run(["dvc", "status"], reproduced).stdout.strip().startswith("Data and pipelines are up to date")
+    assert _REPRO["status"].strip().startswith("Data and pipelines are up to date")
 
 
 @contextmanager
@@ -78,12 +87,36 @@ def edited_param(repo: Path, section: str, key: str, value: object) -> Iterator[
         path.write_text(original)
 
 
-def test_loss_param_change_reruns_only_student_and_evaluate(reproduced: Path) -> None:
-    with edited_param(reproduced, "loss", "beta", 6.0):
+@pytest.fixture(scope="module")
+def kd_run(reproduced: Path) -> dict:
+    """`loss.name: kd` written into params.yaml, then `dvc exp run` in the workspace (the default 40
+    epochs) with dvclive/student/metrics.json polled while it trains; params.yaml restored after.
+    One real run serves three checks: what a loss change reruns, what a user watching a run sees,
+    and KD's top-1 against CE's."""
+    live = reproduced / "dvclive/student/metrics.json"
+    with edited_param(reproduced, "loss", "name", "kd"):
         status = json.loads(run(["dvc", "status", "--json"], reproduced).stdout)
-        assert set(status) == {"student"}  # evaluate changes only once the student's outputs do
-        log = run(["dvc", "repro"], reproduced, timeout=600).stdout
-        assert ran_stages(log) == {"student", "evaluate"}
+        proc = subprocess.Popen(["dvc", "exp", "run"], cwd=reproduced, env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seen: set[int] = set()
+        deadline = time.monotonic() + 600
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+                    seen.add(json.loads(live.read_text())["step"])
+                time.sleep(0.05)
+            out = proc.communicate(timeout=60)[0]
+        finally:
+            proc.kill()
+    return {"status": status, "returncode": proc.returncode, "log": out, "seen": seen,
+            "student": json.loads((reproduced / "metrics/student.json").read_text())}
+
+
+def test_loss_param_change_reruns_only_student_and_evaluate(kd_run: dict) -> None:
+    assert kd_run["returncode"] == 0, kd_run["log"]
+    assert set(kd_run["status"]) == {"student"}  # evaluate changes only once the student's outputs do
+    assert ran_stages(kd_run["log"]) == {"student", "evaluate"}
+    assert kd_run["student"]["loss"] == "kd" and kd_run["student"]["epochs"] == 40
 
 
 def test_augment_change_reruns_cache_but_not_teacher(reproduced: Path) -> None:
@@ -91,25 +124,6 @@ def test_augment_change_reruns_cache_but_not_teacher(reproduced: Path) -> None:
         status = json.loads(run(["dvc", "status", "--json"], reproduced).stdout)
         assert set(status) == {"cache", "student"}  # both read the augment section
         assert ran_stages(run(["dvc", "repro", "--dry"], reproduced).stdout) == {"cache", "student"}
-
-
-def test_distillation_from_the_cache_beats_ce_only(reproduced: Path, tmp_path: Path) -> None:
-    """The digits default: KD and AEKT (the dvc repro run) both beat the same student with CE only."""
-    params = yaml.safe_load((reproduced / "params.yaml").read_text())
-    top1 = {"aekt": json.loads((reproduced / "metrics/student.json").read_text())["final_top1"]}
-    for loss in ("ce", "kd"):
-        variant = {**params, "loss": {**params["loss"], "name": loss}}
-        params_file = tmp_path / f"params-{loss}.yaml"
-        params_file.write_text(yaml.safe_dump(variant))
-        metrics = tmp_path / f"{loss}.json"
-        run(["aekt", "student", "--params", str(params_file), "--manifest", "manifests/digits.json",
-             "--shards-dir", "data/shards/digits", "--teacher", "models/digits/teacher.safetensors",
-             "--store", "cache/digits-digits_cnn.zarr", "--out", str(tmp_path / f"{loss}.safetensors"),
-             "--metrics", str(metrics), "--history", str(tmp_path / f"{loss}.csv"),
-             "--checkpoints", str(tmp_path / f"ckpt-{loss}"), "--no-progress"], reproduced)
-        top1[loss] = json.loads(metrics.read_text())["final_top1"]
-    assert top1["kd"] > top1["ce"] + 0.02, top1
-    assert top1["aekt"] > top1["ce"] + 0.02, top1
 
 
 def _commit_all(repo: Path, message: str) -> None:
@@ -129,60 +143,69 @@ def _wait_for_queue(repo: Path, names: list[str], timeout_s: float = 480) -> str
     raise AssertionError(f"queue did not finish in {timeout_s} s:\n{table}")
 
 
-def test_queued_sweep_runs_only_the_student_from_the_one_stage_1(reproduced: Path) -> None:
-    """Two queued experiments (`dvc exp run --queue -S …`, `dvc queue start`): each temporary workspace
-    checks shards, teacher and store out of the DVC cache (hard links), so only student and evaluate
-    run; both results appear in `dvc exp show`. Stage 1 runs zero extra times."""
+@pytest.fixture(scope="module")
+def queued_sweep(reproduced: Path) -> dict:
+    """Two queued experiments (`dvc exp run --queue -S …`, `dvc queue start`): CE only at the default
+    40 epochs (the baseline the distillation test compares with) and a 2-epoch one with several
+    overrides. Returns the queue table, each experiment's `dvc queue logs`, and `dvc exp show`."""
     _commit_all(reproduced, "dvc repro")
     names = []
-    for overrides in (["-S", "loss.beta=6", "-S", "train.lr=0.05"], ["-S", "train.epochs=5"]):
+    for overrides in (["-S", "loss.name=ce"], ["-S", "loss.beta=6", "-S", "train.lr=0.05", "-S", "train.epochs=2"]):
         out = run(["dvc", "exp", "run", "--queue", *overrides], reproduced).stdout
         names.append(re.search(r"Queued experiment '([^']+)'", out).group(1))
     try:
         run(["dvc", "queue", "start", "-j", "1"], reproduced)
         table = _wait_for_queue(reproduced, names)
-        assert table.count("Success") >= 2, table
-        for name in names:
-            log = run(["dvc", "queue", "logs", name], reproduced).stdout
-            assert ran_stages(log) == {"student", "evaluate"}, log
-            for skipped in ("prepare", "teacher", "cache"):
-                assert f"Stage '{skipped}' didn't change, skipping" in log, log
+        logs = {name: run(["dvc", "queue", "logs", name], reproduced).stdout for name in names}
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=reproduced, capture_output=True, timeout=60)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], reproduced).stdout)
     experiments = {e["revs"][0]["name"]: e["revs"][0] for row in shown for e in (row.get("experiments") or [])}
-    for name, epochs in zip(names, (None, 5), strict=True):
-        data = experiments[name]["data"]
+    return {"names": names, "table": table, "logs": logs,
+            "data": {name: experiments[name]["data"] for name in names if name in experiments}}
+
+
+def test_queued_sweep_runs_only_the_student_from_the_one_stage_1(queued_sweep: dict) -> None:
+    """Each queued experiment's temporary workspace checks shards, teacher and store out of the DVC
+    cache (hard links), so only student and evaluate run; both results appear in `dvc exp show`.
+    Stage 1 runs zero extra times."""
+    table = queued_sweep["table"]
+    assert table.count("Success") >= 2, table
+    for log in queued_sweep["logs"].values():
+        assert ran_stages(log) == {"student", "evaluate"}, log
+        for skipped in ("prepare", "teacher", "cache"):
+            assert f"Stage '{skipped}' didn't change, skipping" in log, log
+    for name, (loss, epochs) in zip(queued_sweep["names"], (("ce", 40), ("aekt", 2)), strict=True):
+        data = queued_sweep["data"][name]
         student = data["metrics"]["metrics/student.json"]["data"]
         assert 0.1 < student["final_top1"] <= 1.0
-        if epochs:
-            assert student["epochs"] == epochs and data["params"]["params.yaml"]["data"]["train"]["epochs"] == epochs
+        assert student["loss"] == loss and student["epochs"] == epochs  # the -S values reached the stage
+        params = data["params"]["params.yaml"]["data"]
+        assert params["loss"]["name"] == loss and params["train"]["epochs"] == epochs
+
+
+def test_distillation_from_the_cache_beats_ce_only(kd_run: dict, queued_sweep: dict) -> None:
+    """The digits default: KD (the workspace `dvc exp run`) and AEKT (the `dvc repro` run) both beat
+    the same student with CE only (the queued experiment): same params but `loss.name`, same store."""
+    ce = queued_sweep["data"][queued_sweep["names"][0]]["metrics"]["metrics/student.json"]["data"]
+    aekt = json.loads(_REPRO["student"])
+    assert (ce["loss"], kd_run["student"]["loss"], aekt["loss"]) == ("ce", "kd", "aekt")
+    top1 = {"ce": ce["final_top1"], "kd": kd_run["student"]["final_top1"], "aekt": aekt["final_top1"]}
+    assert top1["kd"] > top1["ce"] + 0.02, top1
+    assert top1["aekt"] > top1["ce"] + 0.02, top1
 
 
 # ---- what a user watching a run sees: dvclive files that grow after each epoch while `dvc exp run`
 # trains, their values in `dvc exp show` and `dvc plots`, and the offline plots page drawn by
 # headless Chromium (skipped where it is not installed; `aekt plots --check` is the documented command)
 
-def test_a_running_experiment_shows_each_finished_epoch(reproduced: Path) -> None:
-    """`dvc exp run` retrains the student (8 epochs); dvclive/student/metrics.json is polled while
-    it runs: it must show epochs as they finish, not only at the end."""
-    live = reproduced / "dvclive/student/metrics.json"
-    proc = subprocess.Popen(["dvc", "exp", "run", "-S", "train.epochs=8", "-S", "train.batch_size=32"], cwd=reproduced,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[int] = set()
-    deadline = time.monotonic() + 600
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-                seen.add(json.loads(live.read_text())["step"])
-            time.sleep(0.05)
-        out = proc.communicate(timeout=60)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
-    final = json.loads(live.read_text())
-    assert final["step"] == 8
-    assert len(seen - {8}) >= 2, f"saw only epochs {sorted(seen)} while it ran"
+def test_a_running_experiment_shows_each_finished_epoch(reproduced: Path, kd_run: dict) -> None:
+    """`dvc exp run` retrains the student (40 epochs, the KD run above); dvclive/student/metrics.json
+    was polled while it ran: it must show epochs as they finish, not only at the end."""
+    assert kd_run["returncode"] == 0, kd_run["log"]
+    final = json.loads((reproduced / "dvclive/student/metrics.json").read_text())
+    assert final["step"] == 40
+    assert len(kd_run["seen"] - {40}) >= 2, f"saw only epochs {sorted(kd_run['seen'])} while it ran"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], reproduced).stdout)
     workspace = next(r for r in shown if r["rev"] == "workspace")["data"]["metrics"]
     assert workspace["dvclive/student/metrics.json"]["data"]["test_top1"] == pytest.approx(
@@ -191,9 +214,10 @@ def test_a_running_experiment_shows_each_finished_epoch(reproduced: Path) -> Non
 
 
 def test_dvc_plots_reads_the_live_files(reproduced: Path) -> None:
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], reproduced).stdout)["data"]
+    """`dvc plots show` on the live files of the default (AEKT) run, so every AEKT loss term is drawn."""
+    plots = json.loads(_REPRO["plots"])["data"]
     top1 = plots["test_top1_by_epoch"][0]["content"]
-    assert {row["step"] for row in top1["data"]["values"]} >= {"1", "8"}
+    assert {row["step"] for row in top1["data"]["values"]} >= {"1", "40"}
     loss = plots["loss_total_by_epoch"][0]["content"]
     assert loss["encoding"]["y"]["scale"]["type"] == "log"
     steps = [name for name in plots if name.startswith("dvclive/student-steps/plots/metrics/")]
