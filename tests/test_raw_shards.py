@@ -210,3 +210,20 @@ def test_raw_and_encoded_pipelines_train_the_same_teacher_and_cache(tiny_pipelin
         np.testing.assert_array_equal(sa.group[name][:], sb.group[name][:], err_msg=name)
     stream_a = ShardStream(spec(tiny_pipeline_raw), epoch=2)
     assert_same_batches(batched(stream_a, 32, 0), batched(ShardStream(spec(tiny_pipeline), epoch=2), 32, 0))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "encoded"])
+def test_the_writer_layout_fast_path_reads_what_the_general_path_reads(tmp_path: Path, fmt: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.data import shards
+
+    m, shard_dir = _prepare(tmp_path, fmt, max_per_class=9, shard_size=16)
+    paths = sorted(shard_dir.glob("*.tar"))
+    fast = {p.name: read_shard(p) for p in paths}
+    assert all(shards._writer_layout(p.read_bytes(), shards.MAX_MEMBER_BYTES, 10) is not None for p in paths)
+    monkeypatch.setattr(shards, "_writer_layout", lambda *a: None)
+    assert {p.name: read_shard(p) for p in paths} == fast
+    # labels outside the classes: the fast path steps aside and the general path names the sample
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="outside the manifest's 2 classes"):
+        read_shard(paths[0], num_classes=2)
