@@ -227,3 +227,24 @@ def test_the_writer_layout_fast_path_reads_what_the_general_path_reads(tmp_path:
     monkeypatch.undo()
     with pytest.raises(DataError, match="outside the manifest's 2 classes"):
         read_shard(paths[0], num_classes=2)
+
+
+def test_a_payload_that_looks_like_a_header_does_not_fool_the_vector_scan() -> None:
+    """The header chain is found from every block holding the "ustar" magic; pixels that happen to
+    hold it (at offset 257 of a block) break the chain, and the hop-by-hop scan reads the shard."""
+    from pipeline.data import shards
+    from pipeline.data.samples import Sample
+
+    pixels = np.zeros((64, 16, 3), dtype=np.uint8)
+    npy = bytearray(encode_npy(pixels))
+    npy[512 + 257:512 + 262] = b"ustar"  # payloads start on a block: offset 257 of its 2nd block
+    samples = [Sample(key=f"train_{i:07d}", index=i, label=i, image=bytes(npy), ext="npy") for i in range(3)]
+    data = shards.shard_bytes(samples)
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, 512)
+    assert (rows[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1).sum() > 9  # 9 real headers
+    assert shards._vector_chain(rows, len(data)) is None
+    got = shards._fast_scan(data, shards.MAX_MEMBER_BYTES)
+    assert got is not None and [n for n, _, _ in got][:3] == ["train_0000000.cls", "train_0000000.idx",
+                                                             "train_0000000.npy"]
+    read = shards._writer_layout(data, shards.MAX_MEMBER_BYTES, None)
+    assert read is not None and [s.image for s in read] == [bytes(npy)] * 3

@@ -219,8 +219,47 @@ def _fast_scan(data: bytes, max_member_bytes: int) -> list[tuple[str, int, int]]
     all headers at once with NumPy: sizes as 11 octal digits + NUL, checksum as 6 octal digits +
     NUL + space and equal to the header's sum, "ustar" magic, regular-file type, no prefix, a plain
     name ([A-Za-z0-9_.-]), sizes within the limit and the archive, and the end-of-archive marker.
-    Anything else returns None and the member-by-member scan gives the exact error. Only the hop
-    from header to header (each size decides where the next header is) runs in Python."""
+    Anything else returns None and the member-by-member scan gives the exact error. The chain of
+    headers (each size decides where the next header is) is found with NumPy too when it can be
+    (``_vector_chain``), else by hopping from header to header in Python."""
+    end = len(data)
+    # Headers start on 512-byte boundaries: the archive seen as rows of blocks.
+    rows = np.frombuffer(data, dtype=np.uint8, count=end // BLOCK * BLOCK).reshape(-1, BLOCK)
+    chain = _vector_chain(rows, end)
+    if chain is None:
+        chain = _hop_chain(data)
+    if chain is None:
+        return None
+    starts, sizes = chain
+    if not starts or data[starts[-1] + BLOCK + sizes[-1] + (-sizes[-1] % BLOCK):][:2 * BLOCK] != bytes(2 * BLOCK):
+        return None
+    return _checked_members(data, rows, starts, sizes, max_member_bytes)
+
+
+_USTAR = np.frombuffer(b"ustar", dtype=np.uint8)
+_OCTAL_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+def _vector_chain(rows: np.ndarray, end: int) -> tuple[list[int], list[int]] | None:
+    """(header starts, sizes) from every block with the "ustar" magic, if those blocks form exactly
+    the chain their sizes describe from byte 0 on; None otherwise (e.g. a payload block that happens
+    to hold "ustar" at offset 257, or a size field that is not 11 octal digits)."""
+    cand = np.flatnonzero((rows[:, 257:262] == _USTAR).all(axis=1))
+    if len(cand) == 0 or cand[0] != 0:
+        return None
+    digits = rows[cand, 124:135]
+    if not _OCTAL_DIGITS[digits].all():
+        return None
+    sizes = (digits.astype(np.int64) - ord("0")) @ _OCTAL_WEIGHTS
+    starts = cand.astype(np.int64) * BLOCK
+    following = starts + BLOCK + (sizes + BLOCK - 1) // BLOCK * BLOCK
+    if (following[:-1] != starts[1:]).any() or following[-1] + 2 * BLOCK > end:
+        return None
+    return starts.tolist(), sizes.tolist()
+
+
+def _hop_chain(data: bytes) -> tuple[list[int], list[int]] | None:
+    """(header starts, sizes) by hopping from header to header; None at anything unusual."""
     end, starts, sizes, pos = len(data), [], [], 0
     try:
         while pos + BLOCK <= end and data[pos] != 0:
@@ -232,10 +271,13 @@ def _fast_scan(data: bytes, max_member_bytes: int) -> list[tuple[str, int, int]]
             pos += BLOCK + size + (-size % BLOCK)
     except ValueError:
         return None
-    if not starts or pos < 0 or data[pos:pos + 2 * BLOCK] != bytes(2 * BLOCK):
-        return None
-    # Headers start on 512-byte boundaries: gather them as whole rows of the archive seen as blocks.
-    rows = np.frombuffer(data, dtype=np.uint8, count=end // BLOCK * BLOCK).reshape(-1, BLOCK)
+    return starts, sizes
+
+
+def _checked_members(data: bytes, rows: np.ndarray, starts: list[int], sizes: list[int],
+                     max_member_bytes: int) -> list[tuple[str, int, int]] | None:
+    """The members at ``starts`` if every header passes the checks of ``_fast_scan``, else None."""
+    end = len(data)
     blocks = rows[np.asarray(starts) // BLOCK]
     size_arr = np.asarray(sizes, dtype=np.int64)
     checksum = (blocks[:, 148:154].astype(np.int64) - ord("0")) @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
