@@ -143,7 +143,7 @@ def epoch_vs_step(paths: tuple[Manifest, Path, Path], store: Path, views: int, *
 
     def steps() -> int:
         for b in held:
-            train_step(job, accelerator, model, optimizer, b, 1.0, "cifar")
+            train_step(job, accelerator, model, optimizer, b, 1.0)
         return n
 
     rates = interleaved({"epoch": epoch, "step": steps}, rounds=rounds, device=device)

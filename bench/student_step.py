@@ -143,7 +143,7 @@ class StepRig:
                     self.teacher(augment.normalize(batch["image"].to(device, non_blocking=True), recipe))
             else:
                 job, model, opt = self.students[mode]
-                train_step(job, self.acc, model, opt, batch, 1.0, recipe)
+                train_step(job, self.acc, model, opt, batch, 1.0)
         return steps * self.batch
 
 

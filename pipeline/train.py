@@ -107,8 +107,8 @@ def to_device_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any, batch: dict,
-               warm: float, recipe: str, probe_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                                     dict[str, torch.Tensor]]:
+               warm: float, probe_grads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                        dict[str, torch.Tensor]]:
     """One optimiser step; returns detached loss terms and gradient norms (device tensors) and stats."""
     device = accelerator.device
     assert job.norm is not None and job.teacher_norm is not None
@@ -144,7 +144,7 @@ GRAD_PROBE_EVERY = 10
 def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimizer: Any,
                 stream: ShardStream, epoch: int, clock: RunClock | None = None) -> dict[str, float]:
     stream.set_epoch(epoch)
-    sched, recipe = job.sched, job.train.recipe
+    sched = job.sched
     world = accelerator.num_processes
     n_local = stream.num_samples()
     # One schedule for all ranks: the most steps any rank takes (shards are uneven), so every rank
@@ -170,7 +170,7 @@ def train_epoch(job: TrainJob, accelerator: Any, model: torch.nn.Module, optimiz
             scale = lr_at((epoch - 1 + step / steps) / sched.epochs, sched)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
-            terms, stats, grads = train_step(job, accelerator, model, optimizer, batch, warm, recipe,
+            terms, stats, grads = train_step(job, accelerator, model, optimizer, batch, warm,
                                              probe_grads=step % GRAD_PROBE_EVERY == 0)
             b = len(batch["label"])
             for k, v in terms.items():
