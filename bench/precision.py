@@ -38,7 +38,7 @@ from bench.common import (
 )
 from pipeline import augment
 from pipeline.cache.verify import PRECISION_KL_TOLERANCE, kl_at
-from pipeline.cache.writer import ShardSource, augment_views, teacher_logits
+from pipeline.cache.writer import ShardSource, teacher_logits
 from pipeline.config import DataConfig
 from pipeline.data import prepare
 from pipeline.models import build_model
@@ -56,7 +56,7 @@ def views_of_cifar10(workdir: Path, samples: int, views: int) -> torch.Tensor:
                      max_per_class=max(1, -(-samples // 10)), shard_size=samples)
     manifest = prepare(cfg, shards_dir=workdir, manifest_path=workdir / "m.json", progress=False)
     _, images, _, indices = ShardSource(manifest, workdir, split="test").load(0)
-    out = [augment_views("cifar", images, augment.sample_params("cifar", seed=0, view=v, indices=indices), 32)
+    out = [augment.apply_views("cifar", images, augment.sample_params("cifar", seed=0, view=v, indices=indices))
            for v in range(views)]
     return torch.cat(out)
 

@@ -166,6 +166,24 @@ def eval_transform(recipe: str, image: torch.Tensor, *, size: int = 224) -> torc
     return TF.center_crop(resized, [size, size])
 
 
+def apply_views(recipe: str, images: torch.Tensor | list[torch.Tensor], params: np.ndarray | torch.Tensor, *,
+                size: int = 224) -> torch.Tensor:
+    """Each image's own params (one view per row) -> uint8 [n, C, h, w]: one ``apply_batch`` for a
+    fixed-size recipe (what ``apply`` does per image), ``apply`` per image otherwise. ``images`` is a
+    uint8 [n, C, H, W] tensor, or a list of [C, H, W] (of different sizes for imagenet)."""
+    if recipe_info(recipe).fixed_size:
+        stacked = images if isinstance(images, torch.Tensor) else torch.stack(images)
+        return apply_batch(recipe, stacked, torch.as_tensor(np.asarray(params, dtype=np.float32)))
+    return torch.stack([apply(recipe, img, p, size=size) for img, p in zip(images, params, strict=True)])
+
+
+def eval_views(recipe: str, images: torch.Tensor | list[torch.Tensor], *, size: int = 224) -> torch.Tensor:
+    """``eval_transform`` of every image -> uint8 [n, C, h, w] (the identity for fixed-size recipes)."""
+    if recipe_info(recipe).fixed_size and isinstance(images, torch.Tensor):
+        return images
+    return torch.stack([eval_transform(recipe, img, size=size) for img in images])
+
+
 @dataclass(frozen=True)
 class Normalization:
     """A model's input normalisation: per-channel mean and std of pixels scaled to [0, 1].

@@ -170,14 +170,9 @@ class ShardStream(IterableDataset):
     def _transform(self, images: torch.Tensor | list[torch.Tensor], params: torch.Tensor) -> torch.Tensor:
         """Stored/sampled params applied (training) or the eval transform, here in the worker."""
         spec = self.spec
-        if spec.train and isinstance(images, torch.Tensor) and augment.recipe_info(spec.recipe).fixed_size:
-            return augment.apply_batch(spec.recipe, images, params)  # what apply() does per image
         if spec.train:
-            return torch.stack([augment.apply(spec.recipe, im, p, size=spec.image_size)
-                                for im, p in zip(images, params, strict=True)])
-        if isinstance(images, torch.Tensor) and augment.recipe_info(spec.recipe).fixed_size:
-            return images  # eval_transform is the identity for fixed-size recipes
-        return torch.stack([augment.eval_transform(spec.recipe, im, size=spec.image_size) for im in images])
+            return augment.apply_views(spec.recipe, images, params, size=spec.image_size)
+        return augment.eval_views(spec.recipe, images, size=spec.image_size)
 
 
 @dataclass

@@ -134,7 +134,7 @@ def test_stage1_and_verify_normalise_for_the_teacher_its_card_names(tiny_pipelin
 
     from pipeline import augment
     from pipeline.artifacts import card_path, load_model
-    from pipeline.cache.writer import ShardSource, augment_views
+    from pipeline.cache.writer import ShardSource
 
     work = tmp_path / "w"
     shutil.copytree(tiny_pipeline, work)
@@ -153,7 +153,7 @@ def test_stage1_and_verify_normalise_for_the_teacher_its_card_names(tiny_pipelin
     assert store.provenance.teacher_input_norm == own.to_dict()
     keys, images, labels, indices = ShardSource(manifest, work / "shards").load(2)
     stored, params = store.read_row(1, 2, labels)
-    views = augment_views("digits", images, params, 224)
+    views = augment.apply_views("digits", images, params)
     teacher, _ = load_model(work / "teacher.safetensors")
     with torch.no_grad():
         fresh = teacher.eval()(own(views)).numpy()

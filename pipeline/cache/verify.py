@@ -20,7 +20,7 @@ from pipeline import augment
 from pipeline.artifacts import load_model
 from pipeline.cache.build import expected_provenance
 from pipeline.cache.store import CacheError, LogitStore
-from pipeline.cache.writer import ShardSource, augment_views, teacher_logits
+from pipeline.cache.writer import ShardSource, teacher_logits
 from pipeline.config import AugmentConfig, CacheConfig
 from pipeline.data import Manifest
 from pipeline.data.location import Location, as_location
@@ -92,7 +92,7 @@ def verify_cache(*, store_path: Location, manifest_path: Path, shards_dir: Locat
                                        channels=manifest.channels, size=prov.image_size, device=device,
                                        names=[keys[i] for i in rows], recipe=prov.recipe).cpu()
         else:
-            views = augment_views(prov.recipe, [images[i] for i in rows], params[rows], prov.image_size)
+            views = augment.apply_views(prov.recipe, [images[i] for i in rows], params[rows], size=prov.image_size)
         fresh = teacher_logits(teacher, views, norm, batch_size=cfg.batch_size,
                                device=torch.device("cpu"), mixed_precision="no")
         fresh_all.append(fresh)

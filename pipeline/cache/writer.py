@@ -62,16 +62,6 @@ class ShardSource:
                 np.array([s.index for s in samples]))
 
 
-def augment_views(recipe: str, images: torch.Tensor | list[torch.Tensor], params: np.ndarray,
-                  size: int) -> torch.Tensor:
-    """Apply each sample's stored/sampled params: uint8 [n, C, H, W] (or a list of [C, H, W] of
-    different sizes) -> uint8 [n, C, h, w]."""
-    if augment.recipe_info(recipe).fixed_size:
-        stacked = images if isinstance(images, torch.Tensor) else torch.stack(images)
-        return augment.apply_batch(recipe, stacked, torch.from_numpy(params))
-    return torch.stack([augment.apply(recipe, img, p, size=size) for img, p in zip(images, params, strict=True)])
-
-
 def split_items(items: list[tuple[int, int]], part: int, parts: int) -> list[tuple[int, int]]:
     """The (view, shard) items of ``part`` of ``parts``: whole shards, so each shard is read and
     decoded once for all its pending views (decoding, not the teacher, dominates stage 1 on CPU)."""
@@ -108,7 +98,7 @@ class _ViewItems(IterableDataset):
                 if on_device:  # decoded and augmented on the teacher's device by write_items
                     yield item | {"encoded": images}
                 else:
-                    yield item | {"images": augment_views(self.aug.recipe, images, params, self.aug.size)}
+                    yield item | {"images": augment.apply_views(self.aug.recipe, images, params, size=self.aug.size)}
 
 
 @contextmanager
