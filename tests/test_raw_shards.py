@@ -220,7 +220,8 @@ def test_the_writer_layout_fast_path_reads_what_the_general_path_reads(tmp_path:
     m, shard_dir = _prepare(tmp_path, fmt, max_per_class=9, shard_size=16)
     paths = sorted(shard_dir.glob("*.tar"))
     fast = {p.name: read_shard(p) for p in paths}
-    assert all(shards._writer_layout(p.read_bytes(), shards.MAX_MEMBER_BYTES, 10) is not None for p in paths)
+    assert all(shards._writer_layout(d, shards.ustar_members(d, where="t"), 10) is not None
+               for d in (p.read_bytes() for p in paths))
     monkeypatch.setattr(shards, "_writer_layout", lambda *a: None)
     assert {p.name: read_shard(p) for p in paths} == fast
     # labels outside the classes: the fast path steps aside and the general path names the sample
@@ -246,5 +247,5 @@ def test_a_payload_that_looks_like_a_header_does_not_fool_the_vector_scan() -> N
     got = shards._fast_scan(data, shards.MAX_MEMBER_BYTES)
     assert got is not None and [n for n, _, _ in got][:3] == ["train_0000000.cls", "train_0000000.idx",
                                                              "train_0000000.npy"]
-    read = shards._writer_layout(data, shards.MAX_MEMBER_BYTES, None)
+    read = shards._writer_layout(data, shards.ustar_members(data, where="t"), None)
     assert read is not None and [s.image for s in read] == [bytes(npy)] * 3

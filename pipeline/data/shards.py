@@ -231,7 +231,8 @@ def _fast_scan(data: bytes, max_member_bytes: int) -> list[tuple[str, int, int]]
     if chain is None:
         return None
     starts, sizes = chain
-    if not starts or data[starts[-1] + BLOCK + sizes[-1] + (-sizes[-1] % BLOCK):][:2 * BLOCK] != bytes(2 * BLOCK):
+    marker = starts[-1] + BLOCK + sizes[-1] + (-sizes[-1] % BLOCK) if starts else 0
+    if not starts or data[marker:marker + 2 * BLOCK] != bytes(2 * BLOCK):
         return None
     return _checked_members(data, rows, starts, sizes, max_member_bytes)
 
@@ -304,19 +305,25 @@ def _checked_members(data: bytes, rows: np.ndarray, starts: list[int], sizes: li
 
 def iter_ustar(data: bytes, *, where: str,
                max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each member of an in-memory ustar archive, strictly validated.
+    """(name, bytes) of each member of an in-memory ustar archive, strictly validated
+    (``ustar_members``)."""
+    for name, start, size in ustar_members(data, where=where, max_member_bytes=max_member_bytes):
+        yield name, data[start:start + size]
+
+
+def ustar_members(data: bytes, *, where: str,
+                  max_member_bytes: int = MAX_MEMBER_BYTES) -> list[tuple[str, int, int]]:
+    """(name, data start, size) of each member of an in-memory ustar archive, strictly validated.
 
     Accepts only what ``write_shard`` (or any plain ustar/GNU writer) produces for regular
     files; links, devices, directories and extended headers are refused, every header checksum
-    and size is checked before any member is returned, and the end-of-archive marker is required
+    and size is checked before anything is returned, and the end-of-archive marker is required
     (a tar cut at a member boundary would otherwise read as a valid, shorter shard). Errors are
     those of the first bad header, checksum first, as if headers were checked one by one.
     """
     fast = _fast_scan(data, max_member_bytes)
     if fast is not None:
-        for name, start, size in fast:
-            yield name, data[start:start + size]
-        return
+        return fast
     pos, zero, limits = 0, bytes(BLOCK), (len(data), max_member_bytes)
     starts: list[int] = []
     members: list[tuple[str, int, int]] = []
@@ -339,8 +346,7 @@ def iter_ustar(data: bytes, *, where: str,
         _check_headers(data, starts, where)  # a bad checksum before (or at) this header wins
         raise
     _check_headers(data, starts, where)
-    for name, start, size in members:
-        yield name, data[start:start + size]
+    return members
 
 
 def _parse_int(text: bytes, *, what: str, where: str) -> int:
@@ -349,10 +355,11 @@ def _parse_int(text: bytes, *, what: str, where: str) -> int:
     return int(text)
 
 
-def _collect_members(data: bytes, where: str, max_member_bytes: int) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes} for a shard's bytes, with every member checked before it is read."""
+def _collect_members(data: bytes, members: list[tuple[str, int, int]], where: str) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} of a shard's validated ``members`` (``ustar_members``), every name checked."""
     by_key: dict[str, dict[str, bytes]] = {}
-    for name, payload in iter_ustar(data, where=where, max_member_bytes=max_member_bytes):
+    for name, start, size in members:
+        payload = data[start:start + size]
         key, dot, ext = name.partition(".")
         if not dot or not _KEY_RE.fullmatch(key):
             raise DataError(f"{where}: member {name!r} is not '<key>.<ext>'.")
@@ -389,16 +396,15 @@ def shard_bytes_from_url(path: Location, *, where: str, expected_sha256: str | N
     return b"".join(parts)
 
 
-def _writer_layout(data: bytes, max_member_bytes: int, num_classes: int | None) -> list[Sample] | None:
+def _writer_layout(data: bytes, members: list[tuple[str, int, int]], num_classes: int | None) -> list[Sample] | None:
     """The samples of a shard in exactly the layout ``shard_bytes`` writes, else None.
 
     Per sample, in index order: ``k.cls``, ``k.idx``, ``k.<jpg|png|npy>``, with a plain key, ASCII
     digits, labels below ``num_classes``, unique keys and contiguous indices. Checked with list
     comprehensions over the whole shard instead of per member (a third of a raw shard's read time
     went to that per-member Python); anything else returns None and ``read_shard``'s general path
-    gives the exact error."""
-    members = _fast_scan(data, max_member_bytes)
-    if members is None or len(members) % 3:
+    gives the exact error. ``members`` are ``ustar_members``'s, already validated as a tar."""
+    if not members or len(members) % 3:
         return None
     names = [m[0] for m in members]
     keys = [n[:-4] for n in names[0::3]]
@@ -432,11 +438,12 @@ def read_shard(path: Location, *, expected_sha256: str | None = None,
     path = as_location(path)
     where = f"shard {path}"
     data = shard_bytes_from_url(path, where=where, expected_sha256=expected_sha256)
-    fast = _writer_layout(data, max_member_bytes, num_classes)
+    members = ustar_members(data, where=where, max_member_bytes=max_member_bytes)
+    fast = _writer_layout(data, members, num_classes)
     if fast is not None:
         return fast
     samples = []
-    for key, files in _collect_members(data, where, max_member_bytes).items():
+    for key, files in _collect_members(data, members, where).items():
         images = [e for e in IMAGE_EXTS if e in files]
         missing = [e for e in ("cls", "idx") if e not in files] + ([] if images else ["jpg|png|npy"])
         if missing or len(images) > 1:
